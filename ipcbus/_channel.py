@@ -1,0 +1,539 @@
+"""The blocking frontend: :class:`Channel`, :class:`Listener`, ``pair``,
+``listen`` and ``connect``.
+
+A short loop drives the sans-IO core over a blocking :class:`Stream`: read
+when the core needs data, write what it has queued. No thread is needed for
+either; one shared background thread (``_flusher``) only writes the tail of
+a burst that the sender left buffered.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from types import TracebackType
+from typing import Any
+
+from . import _flusher
+from ._errors import ChannelClosed, HandshakeError, HandshakeTimeout, IPCError
+from ._frontend import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    RECV_SIZE,
+    FrontendState,
+    make_core,
+    split_options,
+)
+from ._message import Message
+from ._protocol import (
+    NEED_DATA,
+    SCM_MAX_FD,
+    Closed,
+    Connection,
+    HandlesReleased,
+    HandshakeComplete,
+    InternalMessage,
+    RawMessage,
+)
+from .codecs import Codec
+from .transports import Listener as TransportListener
+from .transports import Stream, get_transport, split_url
+from .transports._fd import socketpair_sockets
+from .transports._sockets import SocketStream
+
+__all__ = ["Channel", "Listener", "connect", "listen", "pair"]
+
+log = logging.getLogger("ipcbus")
+
+# A send after this long without a write goes out at once (a "lone" send);
+# sends closer together than this are batched.
+IDLE_WRITE = 0.0002
+# Write at once when this much is buffered, whatever the timing.
+FLUSH_AT = 64 * 1024
+
+_monotonic = time.monotonic
+
+
+class Channel(FrontendState):
+    """A message channel to one peer (blocking API).
+
+    Create channels with :func:`pair`, :func:`connect`, ``Listener.accept()``,
+    ``ipcbus.fork()`` or ``ipcbus.parent()``. ``send`` and ``recv`` may be
+    used from different threads at once; concurrent calls of the same method
+    are serialised. A channel is a context manager that closes on exit.
+    """
+
+    def __init__(
+        self,
+        stream: Stream,
+        core: Connection,
+        *,
+        handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+    ) -> None:
+        self._stream = stream
+        self._core = core
+        self._name = stream.transport_name
+        self._encode = core.codec.encode
+        self._lock = threading.Lock()  # the core's state
+        self._wlock = threading.Lock()  # one writer at a time (held while writing)
+        self._rlock = threading.Lock()  # one reader at a time (held while reading)
+        self._partial: tuple[memoryview, list[int]] | None = None
+        self._last_write = 0.0
+        self._scheduled = False
+        self._closed = False
+        self._read_eof = False
+        self._handshake_deadline = (
+            None if handshake_timeout is None else _monotonic() + handshake_timeout
+        )
+        self._init_frontend()
+        self.flush()  # the hello goes out now, so the peer can check it early
+
+    @classmethod
+    def _open(cls, stream: Stream, role: str, **options: Any) -> Channel:
+        timeout = options.pop("handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT)
+        try:
+            core = make_core(
+                trusted=stream.trusted,
+                can_carry_handles=stream.can_send_handles,
+                role=role,
+                **options,
+            )
+        except BaseException:
+            stream.close()
+            raise
+        return cls(stream, core, handshake_timeout=timeout)
+
+    # --------------------------------------------------------------- properties
+
+    @property
+    def codec(self) -> Codec:
+        """The codec both ends agreed on."""
+        return self._core.codec
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called or the channel failed."""
+        return self._closed
+
+    @property
+    def transport(self) -> str:
+        """The name of the transport (``"unix"``, ``"socketpair"``...)."""
+        return self._name
+
+    @property
+    def can_send_handles(self) -> bool:
+        """Whether ``send(..., handle=...)`` can work on this channel."""
+        return self._core.handles_allowed
+
+    @property
+    def peer_pid(self) -> int | None:
+        """The peer's pid from its hello (None until the hello has arrived)."""
+        peer = self._core.peer
+        return peer.peer_pid if peer else None
+
+    @property
+    def authenticated(self) -> bool:
+        """True when both ends proved knowledge of the shared key."""
+        return bool(self._core.peer and self._core.peer.authenticated and self._core.established)
+
+    @property
+    def stream(self) -> Stream:
+        """The transport stream under this channel."""
+        return self._stream
+
+    # ------------------------------------------------------------------ sending
+
+    def send(
+        self,
+        data: Any,
+        handle: Any = None,
+        *,
+        handles: Sequence[Any] | None = None,
+        keep_open: bool = True,
+    ) -> None:
+        """Send ``data``, and optionally handles, to the peer.
+
+        Messages arrive whole and in the order they were sent. A message sent
+        after an idle moment is written at once; messages sent in a burst are
+        coalesced into few writes, and any still buffered are written within
+        about a millisecond, or by the next ``recv``, ``flush`` or ``close``.
+
+        ``handle`` is one socket, file object or :class:`Handle`; ``handles``
+        a list of them. Messages with handles are written before ``send``
+        returns. With ``keep_open=True`` (the default) the sender keeps its
+        copy; with ``keep_open=False`` ipcbus closes it once the peer has
+        acknowledged receipt.
+
+        Raises CodecError (a value the codec refuses, or over the size limit),
+        HandleError (an object that is not a handle, or a channel that cannot
+        carry handles), ChannelClosed, or the channel's earlier error.
+        """
+        if self._closed:
+            raise ChannelClosed("send on a closed channel")
+        if handle is None and handles is None:
+            payload = self._encode(data)
+            with self._lock:
+                before = self._core.send_encoded(payload)
+            if before == 0:
+                # First message since the last write: a lone send goes out
+                # now; one that follows a write closely starts a batch.
+                if _monotonic() - self._last_write >= IDLE_WRITE:
+                    self.flush()
+                elif not self._scheduled:
+                    self._scheduled = True
+                    _flusher.schedule(self)
+            elif before >= FLUSH_AT:
+                self.flush()
+            return
+        described, multi, release = self._prepare_handles(handle, handles, keep_open)
+        with self._lock:
+            self._core.send(data, described, multi=multi, release=release)
+        self.flush()
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Write everything sent so far, waiting for the peer as needed.
+
+        TimeoutError if it could not all be written within ``timeout``.
+        """
+        deadline = None if timeout is None else _monotonic() + timeout
+        with self._wlock:
+            self._write_out(deadline)
+
+    def _write_out(self, deadline: float | None, *, block: bool = True) -> bool:
+        # Called with _wlock held. Returns True when everything was written.
+        stream = self._stream
+        while True:
+            if self._partial is None:
+                with self._lock:
+                    seg = self._core.take_output()
+                if seg is None:
+                    return True
+                view, fds = memoryview(seg[0]), seg[1]
+            else:
+                view, fds = self._partial
+                self._partial = None
+            while view:
+                waiting = deadline is not None or not block
+                try:
+                    n = stream.send(view, fds, block=not waiting)
+                except IPCError as exc:
+                    self._fail(exc)
+                    raise
+                if n == 0:
+                    self._partial = (view, fds)
+                    if not block:
+                        return False
+                    assert deadline is not None
+                    remaining = deadline - _monotonic()
+                    if remaining <= 0 or not stream.wait_writable(remaining):
+                        raise TimeoutError(f"{self._name}: peer did not read within the timeout")
+                    continue
+                fds = []
+                view = view[n:]
+                self._last_write = _monotonic()
+
+    def _background_flush(self) -> bool:
+        self._scheduled = False
+        if self._closed or not self._wlock.acquire(blocking=False):
+            return not self._closed
+        try:
+            return not self._write_out(None, block=False)
+        except (IPCError, TimeoutError):
+            return False
+        finally:
+            self._wlock.release()
+
+    def _exit_flush(self) -> None:
+        if not self._closed:
+            try:
+                self.flush(timeout=2.0)
+            except (IPCError, TimeoutError):
+                pass
+
+    # ---------------------------------------------------------------- receiving
+
+    def recv(self, timeout: float | None = None) -> Message:
+        """The next message: ``data, handle = channel.recv()``.
+
+        Internal messages (the library's own, and prefixes claimed with
+        :meth:`on_internal`) never come out here; claimed ones go to their
+        callback from inside this call. Raises ChannelClosed when the peer
+        has closed the channel and every message before that was received,
+        TimeoutError past ``timeout`` seconds (the channel stays usable), and
+        a ProtocolError / HandleError / CodecError when the peer sent
+        something invalid (the channel is then closed).
+        """
+        events = self._core._events
+        if events:
+            # Fast path: a message already parsed. deque.popleft is atomic,
+            # and the error (if any) is queued behind the events before it.
+            try:
+                ev = events.popleft()
+            except IndexError:
+                pass
+            else:
+                if type(ev) is Message:
+                    return ev
+                events.appendleft(ev)
+        deadline = None if timeout is None else _monotonic() + timeout
+        core = self._core
+        lock = self._lock
+        with self._rlock:
+            while True:
+                with lock:
+                    try:
+                        ev = core.next_event()
+                    except IPCError as exc:
+                        self._fail(exc)
+                        raise
+                if type(ev) is Message:
+                    return ev
+                if ev is NEED_DATA:
+                    self._read(deadline)
+                    continue
+                result = self._handle_event(ev)
+                if result is not None:
+                    return result
+
+    def _handle_event(self, ev: Any) -> Message | None:
+        if isinstance(ev, RawMessage):
+            try:
+                return self._restore(ev)
+            except IPCError as exc:
+                self._fail(exc)
+                raise
+        if isinstance(ev, InternalMessage):
+            self._dispatch_internal(ev)
+        elif isinstance(ev, HandlesReleased):
+            self._release(ev)
+        elif isinstance(ev, Closed):
+            self._read_eof = True
+            raise ChannelClosed(f"{self._name}: the peer closed the channel")
+        elif isinstance(ev, HandshakeComplete):
+            pass
+        return None
+
+    def _read(self, deadline: float | None) -> None:
+        if self._closed:
+            raise ChannelClosed("recv on a closed channel")
+        if self._core.has_output() or self._partial is not None:
+            self.flush()  # a request must be out before we wait for its answer
+        timeout = None if deadline is None else max(0.0, deadline - _monotonic())
+        hs_deadline = None if self._core.established else self._handshake_deadline
+        hs_limited = False
+        if hs_deadline is not None:
+            hs_left = max(0.0, hs_deadline - _monotonic())
+            if timeout is None or hs_left < timeout:
+                timeout, hs_limited = hs_left, True
+        try:
+            data, fds = self._stream.receive(RECV_SIZE, SCM_MAX_FD, timeout)
+        except TimeoutError:
+            if hs_limited:
+                exc = HandshakeTimeout(
+                    f"{self._name}: the peer did not complete the handshake in time"
+                )
+                self._fail(exc)
+                raise exc from None
+            raise
+        except ChannelClosed:
+            data, fds = b"", []  # a reset is an end of stream, read as such
+        except IPCError as exc:
+            self._fail(exc)
+            raise
+        with self._lock:
+            self._core.receive_data(data, fds)
+            has_output = self._core.has_output()
+        if has_output and self._wlock.acquire(blocking=False):
+            # Acknowledgements and pongs go out now, without waiting.
+            try:
+                self._write_out(None, block=False)
+            except (IPCError, TimeoutError):
+                pass
+            finally:
+                self._wlock.release()
+
+    def wait_handshake(self, timeout: float | None = None) -> None:
+        """Block until the peer's hello (and proof, with a key) was accepted.
+
+        ``connect()`` does this before returning; a listener's channels do it
+        lazily on their first ``recv``. Raises HandshakeError,
+        HandshakeTimeout or ChannelClosed.
+        """
+        deadline = None if timeout is None else _monotonic() + timeout
+        with self._rlock:
+            while not self._core.established:
+                with self._lock:
+                    state = self._core.state
+                if state == "ERROR":
+                    with self._lock:
+                        self._core.next_event()  # raises the error
+                if state == "EOF":
+                    raise HandshakeError(f"{self._name}: the peer closed before the handshake")
+                try:
+                    self._read(deadline)
+                except IPCError as exc:
+                    self._fail(exc)
+                    raise
+
+    def __iter__(self) -> Iterator[Message]:
+        """Messages until the peer closes the channel (then the loop ends)."""
+        while True:
+            try:
+                yield self.recv()
+            except ChannelClosed:
+                if self._closed and not self._read_eof:
+                    raise
+                return
+
+    # ------------------------------------------------------------------ closing
+
+    def _fail(self, exc: BaseException) -> None:
+        # A fault on this channel ends it; the error stays (sticky).
+        with self._lock:
+            self._core.fail_locally(exc)
+        self._teardown()
+
+    def _teardown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._core.close_sending()
+        try:
+            self._stream.close()
+        finally:
+            with self._lock:
+                self._discard_pending()
+                if self._partial is not None:
+                    self._partial = None
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush what was sent, then close. Idempotent.
+
+        Handles received in messages never taken by ``recv`` are closed, and
+        so are ``keep_open=False`` handles the peer never acknowledged. With
+        ``timeout``, gives up flushing after that many seconds (TimeoutError,
+        the channel closed anyway).
+        """
+        if self._closed:
+            return
+        try:
+            self.flush(timeout)
+        except (IPCError, OSError):
+            pass  # the peer is gone: nothing more can be delivered
+        finally:
+            self._teardown()
+
+    def __enter__(self) -> Channel:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else self._core.state.lower()
+        return f"<ipcbus.Channel {self._name} codec={self._core.codec.name} {state}>"
+
+
+class Listener:
+    """Accepts channels on a transport address (blocking API).
+
+    ``accept()`` returns as soon as a peer is admitted (credential checks are
+    done); the peer's hello is checked on the channel's first use, so one
+    slow or hostile peer never stalls the accept loop.
+    """
+
+    def __init__(self, listener: TransportListener, options: dict[str, Any]) -> None:
+        self._listener = listener
+        self._options = options
+        # Fail at listen time, not at the first accept, for a codec that is
+        # refused here (pickle without a key).
+        make_core(trusted=False, can_carry_handles=False, role="server", **{
+            k: v for k, v in options.items() if k != "handshake_timeout"
+        })
+
+    @property
+    def address(self) -> str:
+        """The URL peers connect to, with the real path or port."""
+        return self._listener.address
+
+    def accept(self, timeout: float | None = None) -> Channel:
+        """The next channel. TimeoutError past ``timeout``; TransportError
+        if the listener failed."""
+        stream = self._listener.accept(timeout)
+        return Channel._open(stream, "server", **self._options)
+
+    def close(self) -> None:
+        """Stop listening and remove the socket file it created."""
+        self._listener.close()
+
+    def __iter__(self) -> Iterator[Channel]:
+        while True:
+            yield self.accept()
+
+    def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<ipcbus.Listener {self.address}>"
+
+
+def pair(codec: str | Codec = "msgpack", **options: Any) -> tuple[Channel, Channel]:
+    """Two connected channels over a socketpair (both in this process).
+
+    Pass one end to a child process, or use both ends from two threads.
+    Handles can be sent; pickle is allowed (the peer is this process or one
+    it starts).
+    """
+    a, b = socketpair_sockets()
+    ends = []
+    try:
+        for sock in (a, b):
+            stream = SocketStream(sock, name="socketpair", trusted=True)
+            ends.append(Channel._open(stream, "peer", codec=codec, **options))
+    except BaseException:
+        a.close()
+        b.close()
+        raise
+    return ends[0], ends[1]
+
+
+def listen(url: str, **options: Any) -> Listener:
+    """Listen on ``url`` (``unix:///path``, ``unix-abstract://name``,
+    ``tcp://host:port``...).
+
+    Channel options: ``codec``, ``max_message_size``, ``max_handles``,
+    ``internal_prefix``, ``authkey``, ``handshake_timeout``. Other keyword
+    arguments go to the transport (for unix: ``allowed_uids``, ``backlog``,
+    ``mode``); a transport refuses ones it does not know with TypeError.
+    """
+    scheme, address = split_url(url)
+    chan_opts, trans_opts = split_options(options)
+    transport = get_transport(scheme)
+    return Listener(transport.listen(address, **trans_opts), chan_opts)
+
+
+def connect(url: str, **options: Any) -> Channel:
+    """Connect to ``url`` and complete the handshake before returning.
+
+    Takes the same channel options as :func:`listen`, plus the transport's
+    own. Raises TransportError (nobody there), HandshakeError (the peer
+    disagrees: version, codec, key), HandshakeTimeout.
+    """
+    scheme, address = split_url(url)
+    chan_opts, trans_opts = split_options(options)
+    transport = get_transport(scheme)
+    stream = transport.connect(address, **trans_opts)
+    channel = Channel._open(stream, "client", **chan_opts)
+    try:
+        channel.wait_handshake()
+    except BaseException:
+        channel.close()
+        raise
+    return channel
+

@@ -1,0 +1,775 @@
+"""The sans-IO core of the native ipcbus protocol (docs/PROTOCOL.md).
+
+Nothing here does I/O: bytes and received file descriptor numbers go in
+through :meth:`Connection.receive_data`, events come out of
+:meth:`Connection.next_event`, and messages to send go in through
+:meth:`Connection.send`, coming out as segments of bytes (with the fds that
+must ride on their first byte) from :meth:`Connection.take_output`. Both
+frontends and every transport share this one implementation, so framing,
+ordering, batching and limits are written and tested once.
+
+The core never closes a file descriptor: it cannot (no ``os``). Where fds
+must be closed (a bad frame, a channel torn down with fds unclaimed) it says
+so, through :class:`HandlesReleased` and :meth:`Connection.unclaimed_fds`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from ._errors import ChannelClosed, CodecError, HandleError, HandshakeError, ProtocolError
+from ._message import Message
+from .codecs import Codec
+
+__all__ = [
+    "Closed",
+    "Connection",
+    "HandlesReleased",
+    "HandshakeComplete",
+    "InternalMessage",
+    "NEED_DATA",
+    "RawMessage",
+]
+
+MAGIC = b"IPCB"
+VERSION = 1
+
+# Hello: magic, version, flags, body length, pid; the body is
+# u8 codec-name length, codec name, u32 max_message_size, u8 nonce length, nonce.
+HELLO = struct.Struct(">4sBBHI")
+HELLO_FLAG_HANDLES = 0x01
+HELLO_FLAG_AUTH = 0x02
+MAX_HELLO_BODY = 512
+
+# Frame: payload length, frame type, number of handles, reserved (zero).
+FRAME = struct.Struct(">IBBH")
+FRAME_DATA = 0
+FRAME_CONTROL = 1
+FRAME_AUTH = 2
+FRAME_BATCH = 3
+# A batch frame packs many plain messages of a self-delimiting codec; it is
+# capped below SEGMENT_TARGET so that a burst still leaves in early writes.
+BATCH_TARGET = 64 * 1024
+# Messages larger than this are framed alone: batching them saves nothing.
+BATCH_MESSAGE_MAX = 16 * 1024
+# Every receiver accepts a frame of BATCH_TARGET bytes, so a sender can batch
+# before it has seen the peer's hello.
+MIN_MAX_MESSAGE_SIZE = BATCH_TARGET
+HANDLE_DESCRIPTOR_SIZE = 4
+
+# 64 MiB, like the design card; multiprocessing has no limit at all, h11
+# bounds incomplete events at 16 KiB: ours must carry real payloads.
+DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+# 16 handles per message by default; Linux refuses more than SCM_MAX_FD (253)
+# in one sendmsg, so no setting may go above it.
+DEFAULT_MAX_HANDLES = 16
+SCM_MAX_FD = 253
+# Plain frames are coalesced into segments up to this size: big enough that
+# a syscall is amortised over hundreds of small messages, small enough that
+# the first bytes leave early.
+SEGMENT_TARGET = 256 * 1024
+
+DEFAULT_INTERNAL_PREFIX = "IPCBUS_"
+CONTROL_ACK = "IPCBUS_ACK"
+CONTROL_PING = "IPCBUS_PING"
+CONTROL_PONG = "IPCBUS_PONG"
+
+NONCE_SIZE = 32
+AUTH_LABEL = b"ipcbus-auth-v1"
+
+
+class _NeedData:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Any = _NeedData()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HandshakeComplete:
+    """The peer's hello was accepted (and, with a key, it authenticated)."""
+
+    peer_pid: int
+    peer_codec: str
+    peer_can_carry_handles: bool
+    peer_max_message_size: int
+    authenticated: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RawMessage:
+    """A message that carried handles; the frontend turns ``handles``
+    (descriptor bytes, fd) into objects. ``multi`` is true when the sender
+    passed a list of handles rather than one."""
+
+    data: Any
+    handles: list[tuple[bytes, int]]
+    multi: bool
+
+
+@dataclass(frozen=True, slots=True)
+class InternalMessage:
+    """A message whose ``cmd`` starts with a claimed or reserved prefix."""
+
+    prefix: str
+    data: Any
+    handles: list[tuple[bytes, int]]
+    multi: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HandlesReleased:
+    """The peer acknowledged handle-carrying messages sent with a release
+    token: the frontend may now close what each token stands for."""
+
+    tokens: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """The peer closed the channel cleanly, at a frame boundary."""
+
+
+_CLOSED = Closed()
+_BATCH_PLACEHOLDER = bytes(FRAME.size)
+
+# Connection states
+_HELLO = "HELLO"
+_AUTH = "AUTH"
+_OPEN = "OPEN"
+_EOF = "EOF"
+_ERROR = "ERROR"
+
+
+class Connection:
+    """One end of a native ipcbus channel, without I/O.
+
+    ``codec`` encodes and decodes application messages. ``can_carry_handles``
+    is what this end's transport can do; handles are sent only when both ends
+    can. ``authkey``, if given, makes both ends prove knowledge of the key
+    (HMAC-SHA256 over the other side's nonce) before any application frame is
+    released or read; ``role`` ("client" or "server") is mixed into the proof
+    so that it cannot be reflected back. ``nonce`` is required with a key
+    (the frontend draws it from ``os.urandom``; the core has no randomness).
+    """
+
+    def __init__(
+        self,
+        codec: Codec,
+        *,
+        pid: int,
+        can_carry_handles: bool,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        max_handles: int = DEFAULT_MAX_HANDLES,
+        internal_prefix: str = DEFAULT_INTERNAL_PREFIX,
+        authkey: bytes | None = None,
+        nonce: bytes | None = None,
+        role: str = "peer",
+    ) -> None:
+        if not MIN_MAX_MESSAGE_SIZE <= max_message_size < 2**32:
+            raise ValueError(
+                f"max_message_size must be in {MIN_MAX_MESSAGE_SIZE}..{2**32 - 1}, not {max_message_size}"
+            )
+        if not 0 <= max_handles <= SCM_MAX_FD:
+            raise ValueError(f"max_handles must be in 0..{SCM_MAX_FD} (SCM_MAX_FD), not {max_handles}")
+        if not internal_prefix:
+            raise ValueError("internal_prefix must not be empty")
+        if authkey is not None and (nonce is None or len(nonce) != NONCE_SIZE):
+            raise ValueError(f"authentication needs a {NONCE_SIZE}-byte nonce")
+        self.codec = codec
+        self.pid = pid
+        self.can_carry_handles = can_carry_handles
+        self.max_message_size = max_message_size
+        self.max_handles = max_handles
+        self.internal_prefix = internal_prefix
+        self._authkey = authkey
+        self._nonce = nonce if authkey is not None else b""
+        self._role = role.encode()
+        self.peer: HandshakeComplete | None = None
+
+        self._state = _HELLO
+        self._error: BaseException | None = None
+        self._prefixes: tuple[str, ...] = (internal_prefix,)
+
+        # receiving
+        self._buf = bytearray()
+        self._fds: deque[tuple[int, int]] = deque()  # (fd, stream offset where its chunk ended)
+        self._orphans: list[int] = []  # claimed by a frame that then failed
+        self._consumed = 0  # stream offset of self._buf[0]
+        self._events: deque[Any] = deque()
+        self._eof = False
+        self._peer_hello: tuple[int, bytes] | None = None
+        self._acks_due = 0
+
+        # sending
+        self._out: deque[list[Any]] = deque()  # [bytearray, fds]
+        self._held: deque[list[Any]] | None = deque() if authkey is not None else None
+        self._out_size = 0
+        self._unacked: deque[Any] = deque()  # one release token (or None) per handle frame
+        self._closed_for_sending = False
+        self._batch: list[Any] | None = None  # [segment buffer, header offset, length]
+        self._batch_limit = BATCH_TARGET if getattr(codec, "decode_batch", None) else 0
+        self._send_limit = max_message_size
+        self._decode_batch = getattr(codec, "decode_batch", None)
+
+        self._emit_hello()
+
+    # ----------------------------------------------------------------- state
+
+    @property
+    def state(self) -> str:
+        """``HELLO``, ``AUTH``, ``OPEN``, ``EOF`` or ``ERROR``."""
+        return self._state
+
+    @property
+    def established(self) -> bool:
+        return self._state in (_OPEN, _EOF)
+
+    @property
+    def handles_allowed(self) -> bool:
+        """True once both ends are known to be able to carry handles."""
+        return self.can_carry_handles and (self.peer is None or self.peer.peer_can_carry_handles)
+
+    def claim_prefix(self, prefix: str) -> None:
+        """Route messages whose ``cmd`` starts with ``prefix`` to
+        :class:`InternalMessage` instead of the application's receive path."""
+        if not prefix:
+            raise ValueError("prefix must not be empty")
+        if prefix not in self._prefixes:
+            # Longest first, so that a claim of "APP_X_" beats "APP_".
+            self._prefixes = tuple(sorted((*self._prefixes, prefix), key=len, reverse=True))
+
+    # ----------------------------------------------------------------- sending
+
+    def _emit_hello(self) -> None:
+        name = self.codec.name.encode("ascii")
+        body = (
+            bytes([len(name)])
+            + name
+            + struct.pack(">I", self.max_message_size)
+            + bytes([len(self._nonce)])
+            + self._nonce
+        )
+        flags = (HELLO_FLAG_HANDLES if self.can_carry_handles else 0) | (
+            HELLO_FLAG_AUTH if self._authkey is not None else 0
+        )
+        hello = HELLO.pack(MAGIC, VERSION, flags, len(body), self.pid & 0xFFFFFFFF) + body
+        # The hello goes out before anything else, even while frames are held.
+        self._out.append([bytearray(hello), []])
+        self._out_size += len(hello)
+
+    def send(
+        self,
+        data: Any,
+        handles: Sequence[tuple[bytes, int]] = (),
+        *,
+        multi: bool = False,
+        release: Any = None,
+    ) -> None:
+        """Queue ``data`` (encoded with the codec) and its handles.
+
+        ``handles`` are (4-byte descriptor, fd) pairs; the fds must stay open
+        until :meth:`take_output` has handed them out and they were written.
+        ``release`` is any token; it comes back in :class:`HandlesReleased`
+        once the peer acknowledged this message. Raises CodecError for a
+        value the codec refuses or a message over the peer's size limit,
+        HandleError for handles the channel cannot carry.
+        """
+        self._check_can_send()
+        payload = self.codec.encode(data)
+        self._queue_frame(FRAME_DATA, payload, handles, multi, release)
+
+    def send_encoded(self, payload: bytes) -> int:
+        """Queue an already-encoded plain message (the hot path of send).
+
+        Returns how many bytes were queued before this message (0: the
+        queue was empty), which the frontend uses to tell a lone send from a
+        burst.
+        """
+        if self._error is not None or self._closed_for_sending:
+            self._check_can_send()
+        before = self._out_size
+        batch = self._batch
+        n = len(payload)
+        if batch is not None and batch[2] + n <= self._batch_limit:
+            batch[0] += payload
+            batch[2] += n
+            self._out_size = before + n
+            return before
+        if self._batch_limit and self._held is None and n <= BATCH_MESSAGE_MAX:
+            if n > self._send_limit:
+                raise CodecError(
+                    f"message of {n} bytes exceeds the max_message_size of {self._send_limit}"
+                )
+            self._close_batch()
+            out = self._out
+            if out and len(out[-1][0]) < SEGMENT_TARGET:
+                buf = out[-1][0]
+            else:
+                buf = bytearray()
+                out.append([buf, []])
+            offset = len(buf)
+            buf += _BATCH_PLACEHOLDER
+            buf += payload
+            self._batch = [buf, offset, n]
+            self._out_size = before + n + FRAME.size
+            return before
+        self._queue_frame(FRAME_DATA, payload, (), False, None)
+        return before
+
+    def _close_batch(self) -> None:
+        batch = self._batch
+        if batch is not None:
+            FRAME.pack_into(batch[0], batch[1], batch[2], FRAME_BATCH, 0, 0)
+            self._batch = None
+
+    def _check_can_send(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._closed_for_sending:
+            raise ChannelClosed("channel closed for sending")
+
+    def _queue_frame(
+        self,
+        ftype: int,
+        payload: bytes,
+        handles: Sequence[tuple[bytes, int]],
+        multi: bool,
+        release: Any,
+    ) -> None:
+        self._close_batch()
+        n = len(handles)
+        length = len(payload) + n * HANDLE_DESCRIPTOR_SIZE + (1 if n else 0)
+        limit = self.peer.peer_max_message_size if self.peer else self.max_message_size
+        if length > limit:
+            raise CodecError(f"message of {length} bytes exceeds the max_message_size of {limit}")
+        out = self._held if (self._held is not None and ftype == FRAME_DATA) else self._out
+        if n:
+            if not self.handles_allowed:
+                raise HandleError("this channel cannot carry handles")
+            if n > self.max_handles:
+                raise HandleError(f"{n} handles in one message; the limit is {self.max_handles}")
+            descs = b"".join(d for d, _ in handles)
+            if len(descs) != n * HANDLE_DESCRIPTOR_SIZE:
+                raise HandleError("malformed handle descriptors")
+            frame = bytearray(FRAME.pack(length, ftype, n, 0))
+            frame += bytes([1 if multi else 0])
+            frame += descs
+            frame += payload
+            # A handle frame starts its own segment, so that its fds ride
+            # on the sendmsg that carries its first byte (PROTOCOL.md §4).
+            out.append([frame, [fd for _, fd in handles]])
+            self._unacked.append(release)
+        else:
+            header = FRAME.pack(length, ftype, 0, 0)
+            if out:
+                last = out[-1]
+                buf = last[0]
+                if len(buf) < SEGMENT_TARGET:
+                    buf += header
+                    buf += payload
+                    if out is self._out:
+                        self._out_size += length + 8
+                    return
+            seg = bytearray(header)
+            seg += payload
+            out.append([seg, []])
+        if out is self._out:
+            self._out_size += length + 8
+
+    def _send_control(self, message: dict[str, Any]) -> None:
+        self._queue_frame(FRAME_CONTROL, msgpack.packb(message), (), False, None)
+
+    def send_ping(self) -> None:
+        """Queue a heartbeat ping; the peer's core answers with a pong."""
+        self._check_can_send()
+        self._send_control({"cmd": CONTROL_PING})
+
+    def take_output(self) -> tuple[bytearray, list[int]] | None:
+        """Remove and return the next segment to write: (bytes, fds).
+
+        The fds must be sent with the first byte of the bytes (one sendmsg);
+        the rest may follow in later writes. None when nothing is queued.
+        """
+        if not self._out:
+            return None
+        self._close_batch()
+        seg = self._out.popleft()
+        self._out_size -= len(seg[0])
+        return seg[0], seg[1]
+
+    @property
+    def output_size(self) -> int:
+        """Bytes queued and not yet taken by :meth:`take_output`."""
+        return self._out_size
+
+    def has_output(self) -> bool:
+        return bool(self._out)
+
+    def take_unreleased(self) -> list[Any]:
+        """Remove and return the release tokens of handle messages the peer
+        never acknowledged (the frontend closes them when the channel goes)."""
+        tokens = [t for t in self._unacked if t is not None]
+        self._unacked.clear()
+        return tokens
+
+    def close_sending(self) -> None:
+        """No more messages will be sent (the frontend is closing)."""
+        self._closed_for_sending = True
+
+    # --------------------------------------------------------------- receiving
+
+    def receive_data(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> None:
+        """Feed bytes read from the transport, with the fds that came with
+        them (in order). ``b""`` means EOF. Parsing happens here; errors are
+        raised from :meth:`next_event`, in stream order."""
+        if self._eof:
+            if data or fds:
+                # Nothing can follow EOF; whatever fds came are not ours to keep.
+                self._fds.extend((fd, -1) for fd in fds)
+            return
+        if not data:
+            self._eof = True
+            if fds:
+                self._fds.extend((fd, -1) for fd in fds)
+        else:
+            self._buf += data
+            if fds:
+                end = self._consumed + len(self._buf)
+                self._fds.extend((fd, end) for fd in fds)
+        if self._error is None:
+            try:
+                self._parse()
+            except (ProtocolError, HandleError, CodecError) as exc:
+                self._fail(exc)
+
+    def next_event(self) -> Any:
+        """The next event, or NEED_DATA. Raises the channel's error (sticky)
+        once every event that came before it has been returned."""
+        if self._events:
+            return self._events.popleft()
+        if self._error is not None:
+            raise self._error
+        if self._state == _EOF:
+            return _CLOSED
+        return NEED_DATA
+
+    def _fail(self, exc: BaseException) -> None:
+        self._error = exc
+        self._state = _ERROR
+
+    def fail_locally(self, exc: BaseException) -> None:
+        """Put the connection in the error state (a frontend saw a fault)."""
+        if self._error is None:
+            self._fail(exc)
+
+    def unclaimed_fds(self) -> list[int]:
+        """Remove and return every received fd no frame has claimed; the
+        frontend closes them (on close, or after an error)."""
+        fds = self._orphans + [fd for fd, _ in self._fds]
+        self._fds.clear()
+        self._orphans = []
+        return fds
+
+    def _parse(self) -> None:
+        if self._state == _HELLO and self._eof and not self._buf:
+            # The peer went away without a word: a close, not a bad hello.
+            self._check_unclaimed()
+            self._state = _EOF
+            return
+        if self._state == _HELLO and not self._parse_hello():
+            return self._check_unclaimed()
+        if self._state == _AUTH and not self._parse_auth():
+            return self._check_unclaimed()
+        buf = self._buf
+        pos = 0
+        total = len(buf)
+        events = self._events
+        unpack = FRAME.unpack_from
+        maxsize = self.max_message_size
+        decode = self.codec.decode
+        prefixes = self._prefixes
+        view = memoryview(buf)
+        try:
+            while total - pos >= 8:
+                length, ftype, nh, reserved = unpack(buf, pos)
+                if length > maxsize:
+                    raise ProtocolError(
+                        f"frame of {length} bytes exceeds max_message_size {maxsize}"
+                    )
+                end = pos + 8 + length
+                if end > total:
+                    break
+                if nh == 0 and ftype == FRAME_DATA and not reserved:
+                    if self._fds:
+                        self._check_fd_offsets(self._consumed + pos)
+                    value = decode(view[pos + 8 : end])
+                    if type(value) is dict:
+                        cmd = value.get("cmd")
+                        if type(cmd) is str and cmd.startswith(prefixes):
+                            events.append(self._internal(value, [], False))
+                            pos = end
+                            continue
+                    events.append(Message(value, None))
+                else:
+                    self._parse_other(view, pos, length, ftype, nh, reserved)
+                pos = end
+        finally:
+            view.release()
+            if pos:
+                del buf[:pos]
+                self._consumed += pos
+        if self._acks_due:
+            self._send_control({"cmd": CONTROL_ACK, "n": self._acks_due})
+            self._acks_due = 0
+        if self._eof:
+            if buf:
+                raise ProtocolError(
+                    f"truncated frame: EOF after {len(buf)} bytes of an incomplete frame"
+                )
+            self._check_unclaimed()
+            self._state = _EOF
+        else:
+            self._check_unclaimed()
+
+    def _check_fd_offsets(self, frame_start: int) -> None:
+        # An fd rides with the first byte of its frame, so an fd whose chunk
+        # ended at or before this frame's start was claimed by no frame.
+        if self._fds[0][1] <= frame_start:
+            stray = [fd for fd, end in self._fds if end <= frame_start]
+            raise HandleError(f"{len(stray)} fd(s) arrived with no frame claiming them")
+
+    def _check_unclaimed(self) -> None:
+        if not self._fds:
+            return
+        if self._eof:
+            raise HandleError(f"{len(self._fds)} fd(s) arrived with no frame claiming them")
+        if not self._buf:
+            self._check_fd_offsets(self._consumed)
+
+    def _parse_other(
+        self, view: memoryview, pos: int, length: int, ftype: int, nh: int, reserved: int
+    ) -> None:
+        if reserved:
+            raise ProtocolError(f"reserved header field is {reserved:#x}, must be 0")
+        start = pos + 8
+        end = start + length
+        handles: list[tuple[bytes, int]] = []
+        multi = False
+        if nh:
+            if ftype != FRAME_DATA:
+                raise ProtocolError(f"frame type {ftype} cannot carry handles")
+            if nh > self.max_handles:
+                raise HandleError(f"frame carries {nh} handles; the limit is {self.max_handles}")
+            fds = self._claim(nh, self._consumed + pos)
+            meta = 1 + nh * HANDLE_DESCRIPTOR_SIZE
+            if length < meta:
+                self._orphans.extend(fds)
+                raise ProtocolError(f"frame of {length} bytes too short for {nh} handle descriptors")
+            multi = view[start] == 1
+            descs = bytes(view[start + 1 : start + meta])
+            handles = [
+                (descs[i * 4 : i * 4 + 4], fd) for i, fd in enumerate(fds)
+            ]
+            start += meta
+            self._acks_due += 1
+        elif self._fds:
+            self._check_fd_offsets(self._consumed + pos)
+        if ftype == FRAME_DATA:
+            try:
+                value = self.codec.decode(view[start:end])
+            except CodecError:
+                self._orphans.extend(fd for _, fd in handles)
+                raise
+            cmd = value.get("cmd") if type(value) is dict else None
+            if type(cmd) is str and cmd.startswith(self._prefixes):
+                self._events.append(self._internal(value, handles, multi))
+            elif handles:
+                self._events.append(RawMessage(value, handles, multi))
+            else:
+                self._events.append(Message(value, None))
+        elif ftype == FRAME_BATCH:
+            self._parse_batch(view[start:end])
+        elif ftype == FRAME_CONTROL:
+            self._control(view[start:end])
+        elif ftype == FRAME_AUTH:
+            raise ProtocolError("authentication frame after the handshake")
+        else:
+            raise ProtocolError(f"unknown frame type {ftype}")
+
+    def _parse_batch(self, payload: memoryview) -> None:
+        if self._decode_batch is None:
+            raise ProtocolError(f"batch frame, but the {self.codec.name} codec cannot batch")
+        append = self._events.append
+        prefixes = self._prefixes
+        new = tuple.__new__
+        for value in self._decode_batch(payload):
+            if type(value) is dict:
+                cmd = value.get("cmd")
+                if type(cmd) is str and cmd.startswith(prefixes):
+                    append(self._internal(value, [], False))
+                    continue
+            append(new(Message, (value, None)))
+
+    def _claim(self, n: int, frame_start: int) -> list[int]:
+        self._check_fd_offsets(frame_start)
+        if len(self._fds) < n:
+            raise HandleError(
+                f"frame declares {n} handle(s) but {len(self._fds)} fd(s) arrived with it"
+            )
+        return [self._fds.popleft()[0] for _ in range(n)]
+
+    def _internal(self, value: dict[str, Any], handles: list[tuple[bytes, int]], multi: bool) -> Any:
+        cmd = value["cmd"]
+        for prefix in self._prefixes:
+            if cmd.startswith(prefix):
+                return InternalMessage(prefix, value, handles, multi)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _control(self, payload: memoryview) -> None:
+        try:
+            message = msgpack.unpackb(payload, raw=False)
+        except Exception as exc:
+            raise ProtocolError(f"undecodable control frame ({len(payload)} bytes): {exc}") from exc
+        cmd = message.get("cmd") if type(message) is dict else None
+        if cmd == CONTROL_ACK:
+            n = message.get("n")
+            if type(n) is not int or not 0 < n <= len(self._unacked):
+                raise ProtocolError(
+                    f"acknowledgement of {n!r} handle message(s); {len(self._unacked)} in flight"
+                )
+            tokens = [self._unacked.popleft() for _ in range(n)]
+            tokens = [t for t in tokens if t is not None]
+            if tokens:
+                self._events.append(HandlesReleased(tokens))
+        elif cmd == CONTROL_PING:
+            if not self._closed_for_sending:
+                self._send_control({"cmd": CONTROL_PONG})
+        elif cmd == CONTROL_PONG:
+            pass  # any frame is proof of life; the frontend times the gaps
+        else:
+            # Control commands this version does not know are ignored, so a
+            # newer peer can add some without breaking the channel.
+            pass
+
+    # ------------------------------------------------------------- handshake
+
+    def _parse_hello(self) -> bool:
+        buf = self._buf
+        head = bytes(buf[:4])
+        if not MAGIC.startswith(head):
+            raise HandshakeError(f"bad magic {head!r}: this side speaks {MAGIC!r} (ipcbus)")
+        if len(buf) < HELLO.size:
+            if self._eof:
+                raise HandshakeError(f"EOF after {len(buf)} bytes of the peer's hello")
+            return False
+        _magic, version, flags, body_len, pid = HELLO.unpack_from(buf, 0)
+        if version != VERSION:
+            raise HandshakeError(f"protocol version: this side {VERSION}, peer {version}")
+        if body_len > MAX_HELLO_BODY:
+            raise HandshakeError(f"hello body of {body_len} bytes (limit {MAX_HELLO_BODY})")
+        if len(buf) < HELLO.size + body_len:
+            if self._eof:
+                raise HandshakeError(f"EOF inside the peer's hello ({len(buf)} bytes)")
+            return False
+        body = bytes(buf[HELLO.size : HELLO.size + body_len])
+        try:
+            n = body[0]
+            peer_codec = body[1 : 1 + n].decode("ascii")
+            (peer_max,) = struct.unpack_from(">I", body, 1 + n)
+            m = body[5 + n]
+            nonce = body[6 + n : 6 + n + m]
+            if len(nonce) != m or 6 + n + m != body_len:
+                raise ValueError("lengths do not add up")
+        except (IndexError, ValueError, struct.error) as exc:
+            raise HandshakeError(f"malformed hello body ({body_len} bytes): {exc}") from exc
+        if peer_codec != self.codec.name:
+            raise HandshakeError(f"codec: this side {self.codec.name!r}, peer {peer_codec!r}")
+        peer_auth = bool(flags & HELLO_FLAG_AUTH)
+        if peer_auth != (self._authkey is not None):
+            mine = "requires" if self._authkey is not None else "does not use"
+            theirs = "requires" if peer_auth else "does not use"
+            raise HandshakeError(f"authentication: this side {mine} a key, peer {theirs} one")
+        if peer_auth and m != NONCE_SIZE:
+            raise HandshakeError(f"authentication nonce of {m} bytes, expected {NONCE_SIZE}")
+        del buf[: HELLO.size + body_len]
+        self._consumed += HELLO.size + body_len
+        self._peer_hello = (pid, nonce)
+        peer = HandshakeComplete(
+            peer_pid=pid,
+            peer_codec=peer_codec,
+            peer_can_carry_handles=bool(flags & HELLO_FLAG_HANDLES),
+            peer_max_message_size=peer_max,
+            authenticated=peer_auth,
+        )
+        if self._authkey is not None:
+            self.peer = peer
+            self._state = _AUTH
+            self._queue_frame(FRAME_AUTH, self._proof(self._role, nonce, self._nonce), (), False, None)
+        else:
+            self._open(peer)
+        return True
+
+    def _proof(self, role: bytes, verifier_nonce: bytes, prover_nonce: bytes) -> bytes:
+        assert self._authkey is not None
+        msg = AUTH_LABEL + bytes([len(role)]) + role + verifier_nonce + prover_nonce
+        return hmac.new(self._authkey, msg, hashlib.sha256).digest()
+
+    def _parse_auth(self) -> bool:
+        buf = self._buf
+        if len(buf) < FRAME.size:
+            if self._eof:
+                raise HandshakeError("authentication failed: EOF before the peer's proof")
+            return False
+        length, ftype, nh, reserved = FRAME.unpack_from(buf, 0)
+        if ftype != FRAME_AUTH or nh or reserved or length != 32:
+            raise HandshakeError("authentication failed: peer did not send a proof")
+        if len(buf) < FRAME.size + 32:
+            if self._eof:
+                raise HandshakeError("authentication failed: EOF inside the peer's proof")
+            return False
+        proof = bytes(buf[FRAME.size : FRAME.size + 32])
+        assert self._peer_hello is not None
+        peer_role = b"server" if self._role == b"client" else b"client"
+        if self._role == b"peer":
+            peer_role = b"peer"
+        expected = self._proof(peer_role, self._nonce, self._peer_hello[1])
+        if not hmac.compare_digest(proof, expected):
+            raise HandshakeError("authentication failed: the peer does not know the key")
+        del buf[: FRAME.size + 32]
+        self._consumed += FRAME.size + 32
+        assert self.peer is not None
+        self._open(self.peer)
+        return True
+
+    def _open(self, peer: HandshakeComplete) -> None:
+        self.peer = peer
+        self._state = _OPEN
+        self._send_limit = peer.peer_max_message_size
+        if self._held is not None:
+            for seg in self._held:
+                self._out.append(seg)
+                self._out_size += len(seg[0])
+            self._held = None
+        self._events.append(peer)
+
+
+def default_is_internal(prefixes: tuple[str, ...]) -> Callable[[Any], bool]:
+    """A predicate for "this value goes to the internal path" (for tests)."""
+
+    def check(value: Any) -> bool:
+        cmd = value.get("cmd") if type(value) is dict else None
+        return type(cmd) is str and cmd.startswith(prefixes)
+
+    return check

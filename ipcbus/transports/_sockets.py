@@ -1,0 +1,228 @@
+"""Streams over stream sockets (AF_UNIX, and AF_INET for TCP), blocking and trio.
+
+fds travel as SCM_RIGHTS on AF_UNIX sockets: every read uses ``recvmsg`` with
+room for SCM_MAX_FD descriptors and MSG_CMSG_CLOEXEC, so a descriptor is
+never silently dropped by a plain ``recv`` (node-ipc.md §3.2), and a
+truncated control message is an error, never a short count.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import os
+import select
+import socket
+import struct
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from .._errors import ChannelClosed, HandleError, TransportError
+from ._base import AsyncStream, Stream
+
+__all__ = ["AsyncSocketStream", "SocketStream", "recv_with_fds"]
+
+SCM_MAX_FD = 253
+_ANC_SPACE = socket.CMSG_SPACE(SCM_MAX_FD * 4) if hasattr(socket, "CMSG_SPACE") else 0
+_RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+_SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+_CLOSED_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN}
+
+
+@contextmanager
+def _translate(name: str) -> Iterator[None]:
+    # One place turns OS errors into the ipcbus hierarchy, keeping the
+    # OSError as __cause__ (the trio/httpcore pattern).
+    try:
+        yield
+    except (BrokenPipeError, ConnectionResetError) as exc:
+        raise ChannelClosed(f"{name}: peer closed the connection ({exc.strerror})") from exc
+    except OSError as exc:
+        if exc.errno in _CLOSED_ERRNOS:
+            raise ChannelClosed(f"{name}: peer closed the connection ({exc.strerror})") from exc
+        if exc.errno == errno.EBADF:
+            raise ChannelClosed(f"{name}: the stream is closed") from exc
+        raise TransportError(f"{name}: {exc}") from exc
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def recv_with_fds(sock: socket.socket, max_bytes: int, name: str) -> tuple[bytes, list[int]]:
+    """One ``recvmsg`` with room for SCM_MAX_FD fds; a truncated control
+    message is a HandleError (after closing whatever did arrive)."""
+    data, ancdata, flags, _ = sock.recvmsg(max_bytes, _ANC_SPACE, _RECV_FLAGS)
+    fds: list[int] = []
+    for level, ctype, cdata in ancdata:
+        if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(cdata[: len(cdata) - (len(cdata) % arr.itemsize)])
+            fds.extend(arr)
+    if flags & getattr(socket, "MSG_CTRUNC", 0):
+        _close_fds(fds)
+        raise HandleError(f"{name}: control data truncated (MSG_CTRUNC); fds were lost")
+    if fds and not _RECV_FLAGS:
+        for fd in fds:  # platforms without MSG_CMSG_CLOEXEC: close the window now
+            os.set_inheritable(fd, False)
+    return data, fds
+
+
+def _ancillary(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
+    if not fds:
+        return []
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:
+    """(pid, uid, gid) of an AF_UNIX peer via SO_PEERCRED, where available."""
+    opt = getattr(socket, "SO_PEERCRED", None)
+    if opt is None or sock.family != getattr(socket, "AF_UNIX", None):
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, opt, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+class SocketStream(Stream):
+    """A blocking stream over a connected stream socket that this object owns."""
+
+    def __init__(self, sock: socket.socket, *, name: str, trusted: bool = False) -> None:
+        sock.setblocking(True)
+        self._sock = sock
+        self.transport_name = name
+        self.trusted = trusted
+        self.can_send_handles = sock.family == getattr(socket, "AF_UNIX", None)
+        self._fd = sock.fileno()
+
+    @property
+    def socket(self) -> socket.socket:
+        return self._sock
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def send(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = (), *, block: bool = True) -> int:
+        flags = _SEND_FLAGS if block else _SEND_FLAGS | _DONTWAIT
+        with _translate(self.transport_name):
+            try:
+                if fds:
+                    return self._sock.sendmsg([data], _ancillary(fds), flags)
+                return self._sock.send(data, flags)
+            except BlockingIOError:
+                if block:
+                    raise
+                return 0
+
+    def receive(self, max_bytes: int, max_fds: int, timeout: float | None = None) -> tuple[bytes, list[int]]:
+        if timeout is not None and not self._wait_readable(timeout):
+            raise TimeoutError(f"{self.transport_name}: no data within {timeout} s")
+        with _translate(self.transport_name):
+            if self.can_send_handles:
+                return recv_with_fds(self._sock, max_bytes, self.transport_name)
+            return self._sock.recv(max_bytes), []
+
+    def _wait_readable(self, timeout: float) -> bool:
+        return self._wait(timeout, write=False)
+
+    def wait_writable(self, timeout: float | None) -> bool:
+        return self._wait(timeout, write=True)
+
+    def _wait(self, timeout: float | None, *, write: bool) -> bool:
+        if sys.platform == "win32":  # pragma: no cover - select works on sockets there
+            sets = ([], [self._sock]) if write else ([self._sock], [])
+            r, w, _ = select.select(sets[0], sets[1], [], None if timeout is None else max(timeout, 0))
+            return bool(r or w)
+        poller = select.poll()
+        mask = select.POLLOUT if write else select.POLLIN
+        poller.register(self._fd, mask | select.POLLHUP | select.POLLERR)
+        return bool(poller.poll(None if timeout is None else max(timeout, 0) * 1000))
+
+    def shutdown_write(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def peer_credentials(self) -> tuple[int, int, int] | None:
+        return peer_credentials(self._sock)
+
+    def describe_peer(self) -> str:
+        try:
+            peer = self._sock.getpeername()
+        except OSError:
+            peer = None
+        creds = self.peer_credentials()
+        if creds:
+            return f"{self.transport_name} peer pid {creds[0]} uid {creds[1]}"
+        return f"{self.transport_name} peer {peer!r}" if peer else self.transport_name
+
+
+class AsyncSocketStream(AsyncStream):
+    """A trio stream over a connected stream socket that this object owns."""
+
+    def __init__(self, sock: socket.socket, *, name: str, trusted: bool = False) -> None:
+        import trio
+
+        self._stdlib = sock
+        self._sock: Any = trio.socket.from_stdlib_socket(sock)
+        self.transport_name = name
+        self.trusted = trusted
+        self.can_send_handles = sock.family == getattr(socket, "AF_UNIX", None)
+
+    @property
+    def socket(self) -> socket.socket:
+        return self._stdlib
+
+    async def send(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> int:
+        with _translate(self.transport_name):
+            if fds:
+                return await self._sock.sendmsg([data], _ancillary(fds), _SEND_FLAGS)
+            return await self._sock.send(data, _SEND_FLAGS)
+
+    async def receive(self, max_bytes: int, max_fds: int) -> tuple[bytes, list[int]]:
+        import trio
+
+        with _translate(self.transport_name):
+            if not self.can_send_handles:
+                return await self._sock.recv(max_bytes), []
+            while True:
+                await trio.lowlevel.wait_readable(self._stdlib)
+                try:
+                    return recv_with_fds(self._stdlib, max_bytes, self.transport_name)
+                except BlockingIOError:
+                    continue
+
+    async def aclose(self) -> None:
+        import trio
+
+        self._sock.close()
+        await trio.lowlevel.checkpoint()
+
+    def close_nowait(self) -> None:
+        self._sock.close()
+
+    def peer_credentials(self) -> tuple[int, int, int] | None:
+        return peer_credentials(self._stdlib)
+
+    def describe_peer(self) -> str:
+        creds = self.peer_credentials()
+        if creds:
+            return f"{self.transport_name} peer pid {creds[0]} uid {creds[1]}"
+        try:
+            return f"{self.transport_name} peer {self._stdlib.getpeername()!r}"
+        except OSError:
+            return self.transport_name

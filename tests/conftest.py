@@ -1,0 +1,38 @@
+"""Shared fixtures: every test checks that it left no file descriptor open."""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import time
+
+import pytest
+
+
+def fd_count() -> int:
+    """Open fds of this process (Linux /proc, else /dev/fd)."""
+    path = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
+    return len(os.listdir(path))
+
+
+@pytest.fixture(autouse=True)
+def no_fd_leak(request: pytest.FixtureRequest):
+    """Fail a test that leaves more fds open than it found.
+
+    Mark a test ``@pytest.mark.allow_fd_leak`` only where the count is
+    legitimately off (none should need it)."""
+    if sys.platform == "win32" or request.node.get_closest_marker("allow_fd_leak"):
+        yield
+        return
+    gc.collect()
+    before = fd_count()
+    yield
+    # Give background closers (trio system tasks, reaped children) a moment.
+    for _ in range(50):
+        gc.collect()
+        after = fd_count()
+        if after <= before:
+            return
+        time.sleep(0.02)
+    pytest.fail(f"fd leak: {before} fds open before the test, {after} after")
