@@ -18,6 +18,7 @@ whose object is a codec factory (a class or a zero-argument callable)::
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import threading
 from collections.abc import Callable
