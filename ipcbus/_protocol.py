@@ -288,6 +288,9 @@ class Connection:
         """
         self._check_can_send()
         payload = self.codec.encode(data)
+        if not handles:
+            self.send_encoded(payload)
+            return
         self._queue_frame(FRAME_DATA, payload, handles, multi, release)
 
     def send_encoded(self, payload: bytes) -> int:
