@@ -10,18 +10,22 @@ a burst that the sender left buffered.
 from __future__ import annotations
 
 import logging
+import select
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
-from . import _flusher
-from ._errors import ChannelClosed, HandshakeError, HandshakeTimeout, IPCError
+from . import _flusher, _heartbeat
+from ._errors import ChannelClosed, HandshakeError, HandshakeTimeout, HeartbeatTimeout, IPCError
 from ._frontend import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     RECV_SIZE,
     FrontendState,
+    check_authentication,
+    log_auth_failure,
     make_core,
     split_options,
 )
@@ -51,6 +55,12 @@ log = logging.getLogger("ipcbus")
 IDLE_WRITE = 0.0002
 # Write at once when this much is buffered, whatever the timing.
 FLUSH_AT = 64 * 1024
+# A sender that only sends reads the peer's handle acknowledgements after
+# every this many handle messages (and after each keep_open=False one).
+ACK_PUMP_EVERY = 16
+# Acknowledgements are left for the flusher thread (coalesced) until this
+# many bytes of them are queued.
+ACK_WRITE_AT = 4096
 
 _monotonic = time.monotonic
 
@@ -70,28 +80,44 @@ class Channel(FrontendState):
         core: Connection,
         *,
         handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+        heartbeat: float | None = None,
     ) -> None:
         self._stream = stream
         self._core = core
         self._name = stream.transport_name
         self._encode = core.codec.encode
         self._lock = threading.Lock()  # the core's state
+        self._lock_acquire = self._lock.acquire
+        self._lock_release = self._lock.release
         self._wlock = threading.Lock()  # one writer at a time (held while writing)
         self._rlock = threading.Lock()  # one reader at a time (held while reading)
         self._partial: tuple[memoryview, list[int]] | None = None
         self._last_write = 0.0
         self._scheduled = False
+        self._handle_sends = 0
+        self._ack_mark = -1  # output_size when only acknowledgements were queued
         self._closed = False
         self._read_eof = False
         self._handshake_deadline = (
             None if handshake_timeout is None else _monotonic() + handshake_timeout
         )
+        self._heartbeat = heartbeat
+        self._last_rx = _monotonic()
+        # Set when a write found the peer gone: sending is over, but what the
+        # peer sent before it went is still read (then EOF).
+        self._write_error: IPCError | None = None
         self._init_frontend()
-        self.flush()  # the hello goes out now, so the peer can check it early
+        try:
+            self.flush()  # the hello goes out now, so the peer can check it early
+        except ChannelClosed:
+            pass  # the peer is gone already: recv() reads what it sent, then EOF
+        if heartbeat is not None:
+            _heartbeat.register(self)
 
     @classmethod
     def _open(cls, stream: Stream, role: str, **options: Any) -> Channel:
         timeout = options.pop("handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT)
+        heartbeat = options.get("heartbeat")  # make_core checks its value
         try:
             core = make_core(
                 trusted=stream.trusted,
@@ -102,7 +128,7 @@ class Channel(FrontendState):
         except BaseException:
             stream.close()
             raise
-        return cls(stream, core, handshake_timeout=timeout)
+        return cls(stream, core, handshake_timeout=timeout, heartbeat=heartbeat)
 
     # --------------------------------------------------------------- properties
 
@@ -161,8 +187,10 @@ class Channel(FrontendState):
 
         ``handle`` is one socket, file object or :class:`Handle`; ``handles``
         a list of them. Messages with handles are written before ``send``
-        returns. With ``keep_open=True`` (the default) the sender keeps its
-        copy; with ``keep_open=False`` ipcbus closes it once the peer has
+        returns (on a ``protocol="node"`` channel, ``send`` also waits for
+        Node's acknowledgement, which every later message must wait for).
+        With ``keep_open=True`` (the default) the sender keeps its copy;
+        with ``keep_open=False`` ipcbus closes it once the peer has
         acknowledged receipt.
 
         Raises CodecError (a value the codec refuses, or over the size limit),
@@ -173,8 +201,12 @@ class Channel(FrontendState):
             raise ChannelClosed("send on a closed channel")
         if handle is None and handles is None:
             payload = self._encode(data)
-            with self._lock:
+            # acquire/release rather than `with`: half the cost on this path.
+            self._lock_acquire()
+            try:
                 before = self._core.send_encoded(payload)
+            finally:
+                self._lock_release()
             if before == 0:
                 # First message since the last write: a lone send goes out
                 # now; one that follows a write closely starts a batch.
@@ -190,6 +222,59 @@ class Channel(FrontendState):
         with self._lock:
             self._core.send(data, described, multi=multi, release=release)
         self.flush()
+        self._handle_sends += 1
+        if release is not None or not self._handle_sends % ACK_PUMP_EVERY:
+            self._pump_acks()
+        if getattr(self._core, "awaiting_ack", False):
+            self._wait_handle_answer()
+
+    def _wait_handle_answer(self) -> None:
+        # Node's protocol holds every later message until the peer answers a
+        # handle (ACK or NACK). A blocking channel has no background reader,
+        # so read here until the answer came; whatever else arrives waits in
+        # the core for recv(). Another thread already in recv() may be the
+        # one that reads it: poll the lock rather than queue behind it.
+        core = self._core
+        while core.awaiting_ack:
+            if core.state == "EOF":
+                raise ChannelClosed(f"{self._name}: the peer closed before acknowledging the handle")
+            if core.state != "OPEN" or self._closed:
+                return  # the channel's error is raised by the next call
+            if self._rlock.acquire(timeout=0.05):
+                try:
+                    if core.awaiting_ack and core.state == "OPEN":
+                        self._read(None)
+                finally:
+                    self._rlock.release()
+
+    def _pump_acks(self) -> None:
+        # A sender that never calls recv() must still see the peer's handle
+        # acknowledgements: they release keep_open=False handles, and unread
+        # they would fill the socket buffer back to us. Read what is there
+        # without waiting; messages stay queued for recv().
+        if self._closed or not self._rlock.acquire(blocking=False):
+            return  # a thread in recv() is reading them
+        try:
+            try:
+                data, fds = self._stream.receive(RECV_SIZE, SCM_MAX_FD, 0)
+            except TimeoutError:
+                return
+            except ChannelClosed:
+                data, fds = b"", []
+            except IPCError as exc:
+                self._fail(exc)
+                return
+            self._last_rx = _monotonic()
+            with self._lock:
+                self._core.receive_data(data, fds)
+                events = self._core._events
+                released = [ev for ev in events if type(ev) is HandlesReleased]
+                for ev in released:
+                    events.remove(ev)
+        finally:
+            self._rlock.release()
+        for ev in released:
+            self._release(ev)
 
     def flush(self, timeout: float | None = None) -> None:
         """Write everything sent so far, waiting for the peer as needed.
@@ -217,6 +302,9 @@ class Channel(FrontendState):
                 waiting = deadline is not None or not block
                 try:
                     n = stream.send(view, fds, block=not waiting)
+                except ChannelClosed as exc:
+                    self._sending_failed(exc)
+                    raise
                 except IPCError as exc:
                     self._fail(exc)
                     raise
@@ -228,10 +316,24 @@ class Channel(FrontendState):
                     remaining = deadline - _monotonic()
                     if remaining <= 0 or not stream.wait_writable(remaining):
                         raise TimeoutError(f"{self._name}: peer did not read within the timeout")
+                    # We keep writing this view ourselves: a stale _partial
+                    # would be written a second time once it is done.
+                    self._partial = None
                     continue
                 fds = []
                 view = view[n:]
                 self._last_write = _monotonic()
+
+    def _sending_failed(self, exc: ChannelClosed) -> None:
+        # The peer stopped reading (EPIPE, reset). Later sends raise
+        # ChannelClosed; the stream stays open so that recv() still gets
+        # the messages the peer sent before it closed.
+        self._write_error = exc
+        with self._lock:
+            self._core.close_sending()
+            while self._core.take_output() is not None:
+                pass
+        self._partial = None
 
     def _background_flush(self) -> bool:
         self._scheduled = False
@@ -281,12 +383,12 @@ class Channel(FrontendState):
         lock = self._lock
         with self._rlock:
             while True:
-                with lock:
-                    try:
+                try:
+                    with lock:
                         ev = core.next_event()
-                    except IPCError as exc:
-                        self._fail(exc)
-                        raise
+                except IPCError as exc:
+                    self._fail(exc)  # outside the lock: _fail takes it
+                    raise
                 if type(ev) is Message:
                     return ev
                 if ev is NEED_DATA:
@@ -317,22 +419,39 @@ class Channel(FrontendState):
     def _read(self, deadline: float | None) -> None:
         if self._closed:
             raise ChannelClosed("recv on a closed channel")
-        if self._core.has_output() or self._partial is not None:
-            self.flush()  # a request must be out before we wait for its answer
-        timeout = None if deadline is None else max(0.0, deadline - _monotonic())
         hs_deadline = None if self._core.established else self._handshake_deadline
-        hs_limited = False
+        pending = (self._core.has_output() and self._core.output_size != self._ack_mark) or self._partial is not None
+        if pending and self._write_error is None:
+            # A request must be out before we wait for its answer (queued
+            # acknowledgements alone can wait for the flusher).
+            until = deadline if hs_deadline is None else min(deadline or hs_deadline, hs_deadline)
+            self._drain_output(until)
+        timeout = None if deadline is None else max(0.0, deadline - _monotonic())
+        hs_limited = hb_limited = False
         if hs_deadline is not None:
             hs_left = max(0.0, hs_deadline - _monotonic())
             if timeout is None or hs_left < timeout:
                 timeout, hs_limited = hs_left, True
+        elif self._heartbeat is not None:
+            # Data already waiting in the kernel counts: a timeout of 0 still
+            # reads it, so a late recv() does not mistake its own delay for
+            # a silent peer.
+            hb_left = max(0.0, self._last_rx + self._heartbeat - _monotonic())
+            if timeout is None or hb_left < timeout:
+                timeout, hb_limited = hb_left, True
         try:
             data, fds = self._stream.receive(RECV_SIZE, SCM_MAX_FD, timeout)
         except TimeoutError:
-            if hs_limited:
-                exc = HandshakeTimeout(
-                    f"{self._name}: the peer did not complete the handshake in time"
-                )
+            if hs_limited or hb_limited:
+                if hs_limited:
+                    exc: IPCError = HandshakeTimeout(
+                        f"{self._name}: the peer did not complete the handshake in time"
+                    )
+                else:
+                    exc = HeartbeatTimeout(
+                        f"{self._name}: nothing from the peer for {self._heartbeat:g} s (heartbeat); "
+                        "it is dead, stopped or unreachable"
+                    )
                 self._fail(exc)
                 raise exc from None
             raise
@@ -341,17 +460,56 @@ class Channel(FrontendState):
         except IPCError as exc:
             self._fail(exc)
             raise
+        self._last_rx = _monotonic()
         with self._lock:
-            self._core.receive_data(data, fds)
-            has_output = self._core.has_output()
-        if has_output and self._wlock.acquire(blocking=False):
-            # Acknowledgements and pongs go out now, without waiting.
+            core = self._core
+            before = core.output_size
+            was_open = core.state == "OPEN"
+            core.receive_data(data, fds)
+            has_output = core.has_output()
+            after = core.output_size
+        acks_only = not before or before == self._ack_mark
+        if has_output and was_open and acks_only and self._partial is None and after < ACK_WRITE_AT:
+            # Only acknowledgements (and pongs) are queued: leave them for the
+            # flusher (well under a millisecond), so that a stream of handle
+            # messages is acknowledged in a few writes, not one per message;
+            # each write would wake the sender, which steals the CPU from us.
+            self._ack_mark = after
+            if not self._scheduled:
+                self._scheduled = True
+                _flusher.schedule(self)
+        elif has_output and self._wlock.acquire(blocking=False):
+            # Handshake replies go out now, without waiting.
             try:
                 self._write_out(None, block=False)
             except (IPCError, TimeoutError):
                 pass
             finally:
                 self._wlock.release()
+
+    def _drain_output(self, until: float | None) -> None:
+        # Write what is queued without ever blocking on a peer that may itself
+        # be blocked writing to us (its send buffer full of handle frames, ours
+        # of their acknowledgements): wait for "writable or readable" and
+        # return as soon as there is something to read.
+        fileno = getattr(self._stream, "fileno", None)
+        if fileno is None or not hasattr(select, "poll"):
+            self.flush()
+            return
+        if not self._wlock.acquire(blocking=False):
+            return  # another thread is writing; it finishes the job
+        try:
+            while not self._write_out(None, block=False):
+                timeout = None if until is None else until - _monotonic()
+                if timeout is not None and timeout <= 0:
+                    return
+                poller = select.poll()
+                poller.register(fileno(), select.POLLIN | select.POLLOUT)
+                ready = poller.poll(None if timeout is None else timeout * 1000)
+                if any(mask & (select.POLLIN | select.POLLHUP | select.POLLERR) for _, mask in ready):
+                    return
+        finally:
+            self._wlock.release()
 
     def wait_handshake(self, timeout: float | None = None) -> None:
         """Block until the peer's hello (and proof, with a key) was accepted.
@@ -366,8 +524,12 @@ class Channel(FrontendState):
                 with self._lock:
                     state = self._core.state
                 if state == "ERROR":
-                    with self._lock:
-                        self._core.next_event()  # raises the error
+                    try:
+                        with self._lock:
+                            self._core.next_event()  # raises the error
+                    except IPCError as exc:
+                        self._fail(exc)
+                        raise
                 if state == "EOF":
                     raise HandshakeError(f"{self._name}: the peer closed before the handshake")
                 try:
@@ -390,6 +552,8 @@ class Channel(FrontendState):
 
     def _fail(self, exc: BaseException) -> None:
         # A fault on this channel ends it; the error stays (sticky).
+        if not self._closed:
+            log_auth_failure(exc, self._stream)
         with self._lock:
             self._core.fail_locally(exc)
         self._teardown()
@@ -450,9 +614,13 @@ class Listener:
         self._options = options
         # Fail at listen time, not at the first accept, for a codec that is
         # refused here (pickle without a key).
-        make_core(trusted=False, can_carry_handles=False, role="server", **{
-            k: v for k, v in options.items() if k != "handshake_timeout"
-        })
+        try:
+            make_core(trusted=False, can_carry_handles=False, role="server", **{
+                k: v for k, v in options.items() if k != "handshake_timeout"
+            })
+        except BaseException:
+            listener.close()  # the bound socket must not outlive the error
+            raise
 
     @property
     def address(self) -> str:
@@ -490,6 +658,10 @@ def pair(codec: str | Codec = "msgpack", **options: Any) -> tuple[Channel, Chann
     Handles can be sent; pickle is allowed (the peer is this process or one
     it starts).
     """
+    if sys.platform == "win32":  # Windows: a named-pipe pair (transports/_pipe.py)
+        from .transports._pipe import open_channel_pair
+
+        return open_channel_pair(Channel, codec, options)
     a, b = socketpair_sockets()
     ends = []
     try:
@@ -508,13 +680,22 @@ def listen(url: str, **options: Any) -> Listener:
     ``tcp://host:port``...).
 
     Channel options: ``codec``, ``max_message_size``, ``max_handles``,
-    ``internal_prefix``, ``authkey``, ``handshake_timeout``. Other keyword
-    arguments go to the transport (for unix: ``allowed_uids``, ``backlog``,
-    ``mode``); a transport refuses ones it does not know with TypeError.
+    ``internal_prefix``, ``authkey``, ``handshake_timeout``, ``heartbeat``
+    (seconds: ``recv`` raises HeartbeatTimeout when nothing arrived from the
+    peer for that long, and idle channels send pings; set it on both ends).
+    Other keyword arguments go to the transport (for unix: ``allowed_uids``,
+    ``backlog``, ``mode``; for tcp: ``ssl_context``, ``backlog``...); a
+    transport refuses ones it does not know with TypeError.
+
+    A transport that crosses machines (tcp) needs ``authkey``; without one,
+    listen and connect raise TransportError unless
+    ``allow_unauthenticated=True`` is passed and the address is loopback.
     """
+    allow_unauthenticated = bool(options.pop("allow_unauthenticated", False))
     scheme, address = split_url(url)
     chan_opts, trans_opts = split_options(options)
     transport = get_transport(scheme)
+    check_authentication(transport, scheme, address, chan_opts, allow_unauthenticated)
     return Listener(transport.listen(address, **trans_opts), chan_opts)
 
 
@@ -523,11 +704,14 @@ def connect(url: str, **options: Any) -> Channel:
 
     Takes the same channel options as :func:`listen`, plus the transport's
     own. Raises TransportError (nobody there), HandshakeError (the peer
-    disagrees: version, codec, key), HandshakeTimeout.
+    disagrees: version, codec; AuthenticationError for a wrong key),
+    HandshakeTimeout.
     """
+    allow_unauthenticated = bool(options.pop("allow_unauthenticated", False))
     scheme, address = split_url(url)
     chan_opts, trans_opts = split_options(options)
     transport = get_transport(scheme)
+    check_authentication(transport, scheme, address, chan_opts, allow_unauthenticated)
     stream = transport.connect(address, **trans_opts)
     channel = Channel._open(stream, "client", **chan_opts)
     try:

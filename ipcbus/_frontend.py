@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._errors import CodecError, HandleError
+from ._errors import AuthenticationError, CodecError, HandleError, TransportError
 from ._handles import close_fds, describe, restore
 from ._message import Message
 from ._protocol import (
@@ -32,7 +32,16 @@ InternalCallback = Callable[[Message], Any]
 
 # Options that belong to the channel; everything else goes to the transport.
 CHANNEL_OPTIONS = frozenset(
-    {"codec", "max_message_size", "max_handles", "internal_prefix", "authkey", "handshake_timeout"}
+    {
+        "codec",
+        "max_message_size",
+        "max_handles",
+        "internal_prefix",
+        "authkey",
+        "handshake_timeout",
+        "heartbeat",
+        "protocol",
+    }
 )
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 RECV_SIZE = 256 * 1024
@@ -47,7 +56,7 @@ def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
 
 def make_core(
     *,
-    codec: str | Codec,
+    codec: str | Codec | None = None,
     trusted: bool,
     can_carry_handles: bool,
     role: str,
@@ -55,9 +64,29 @@ def make_core(
     max_handles: int = DEFAULT_MAX_HANDLES,
     internal_prefix: str = DEFAULT_INTERNAL_PREFIX,
     authkey: bytes | str | None = None,
+    heartbeat: float | None = None,
+    protocol: str = "native",
 ) -> Connection:
     """Build the protocol core for a new channel, refusing pickle on a
-    channel whose peer is neither inherited nor authenticated."""
+    channel whose peer is neither inherited nor authenticated.
+
+    ``protocol="node"`` builds a core for Node.js's own IPC protocol
+    (:class:`~ipcbus._node_protocol.NodeConnection`) instead: its codec is
+    always Node's JSON, and options that protocol has no room for (another
+    codec, a key, a heartbeat, another internal prefix) are a ValueError.
+
+    ``heartbeat`` is only checked here (a positive number of seconds, or
+    None): the frontend runs it, the core just answers pings."""
+    if heartbeat is not None and not (isinstance(heartbeat, (int, float)) and heartbeat > 0):
+        raise ValueError(f"heartbeat must be a positive number of seconds or None, not {heartbeat!r}")
+    if protocol == "node":
+        return _make_node_core(
+            codec, can_carry_handles, max_message_size, internal_prefix, authkey, heartbeat
+        )
+    if protocol != "native":
+        raise ValueError(f"protocol must be 'native' or 'node', not {protocol!r}")
+    if codec is None:
+        codec = "msgpack"
     codec_obj = get_codec(codec)
     if isinstance(authkey, str):
         authkey = authkey.encode()
@@ -81,6 +110,64 @@ def make_core(
     )
 
 
+def _make_node_core(
+    codec: str | Codec | None,
+    can_carry_handles: bool,
+    max_message_size: int,
+    internal_prefix: str,
+    authkey: bytes | str | None,
+    heartbeat: float | None,
+) -> Any:
+    from ._node_protocol import NODE_PREFIX, NodeConnection
+
+    name = codec if isinstance(codec, str) or codec is None else getattr(codec, "name", None)
+    if name not in (None, "json"):
+        raise ValueError(f"protocol='node' always uses Node's JSON; codec={name!r} cannot be used")
+    if authkey is not None:
+        raise ValueError("protocol='node' has no authentication (authkey)")
+    if heartbeat is not None:
+        raise ValueError("protocol='node' has no heartbeat (Node does not answer pings)")
+    if internal_prefix not in (DEFAULT_INTERNAL_PREFIX, NODE_PREFIX):
+        raise ValueError(f"protocol='node' has the fixed internal prefix {NODE_PREFIX!r}")
+    return NodeConnection(can_carry_handles=can_carry_handles, max_message_size=max_message_size)
+
+
+def check_authentication(
+    transport: Any, scheme: str, address: str, chan_opts: dict[str, Any], allow_unauthenticated: bool
+) -> None:
+    """Refuse to open a channel without ``authkey`` on a transport that
+    declares ``requires_auth`` (TCP), unless the caller opted out with
+    ``allow_unauthenticated=True`` on an address the transport confirms is
+    loopback-only (``transport.is_loopback(address)``). TransportError
+    otherwise, saying what to pass."""
+    if not getattr(transport, "requires_auth", False) or chan_opts.get("authkey") is not None:
+        return
+    url = f"{scheme}://{address}"
+    if not allow_unauthenticated:
+        raise TransportError(
+            f"{url}: {scheme} channels need a shared key (authkey=...); to go without one on a "
+            "loopback address, pass allow_unauthenticated=True"
+        )
+    is_loopback = getattr(transport, "is_loopback", None)
+    if is_loopback is None or not is_loopback(address):
+        raise TransportError(
+            f"{url}: allow_unauthenticated=True is allowed only on loopback addresses "
+            "(127.0.0.0/8, ::1); anything else needs authkey=..."
+        )
+
+
+def log_auth_failure(exc: BaseException, stream: Any) -> None:
+    """Log a failed authentication with the peer's address (logger
+    ``ipcbus``); call it before the stream is closed. Other errors are not
+    logged here: they are raised to the application."""
+    if isinstance(exc, AuthenticationError):
+        try:
+            peer = stream.describe_peer()
+        except Exception:
+            peer = getattr(stream, "transport_name", "?")
+        log.warning("authentication failed with %s: %s", peer, exc)
+
+
 class FrontendState:
     """Mixin with the frontend bookkeeping shared by both channel classes.
 
@@ -92,6 +179,11 @@ class FrontendState:
 
     def _init_frontend(self) -> None:
         self._callbacks: dict[str, InternalCallback] = {}
+        # Windows pipes send handles into the peer's process: they take its
+        # pid from the handshake, through the core.
+        bind_core = getattr(getattr(self, "_stream", None), "bind_core", None)
+        if bind_core is not None:
+            bind_core(self._core)
 
     # --- sending side --------------------------------------------------------
 
@@ -122,6 +214,10 @@ class FrontendState:
             for obj in objs:
                 obj.close()
             raise
+        on_restored = getattr(self._core, "on_restored", None)
+        if on_restored is not None:
+            # The node core tracks received sockets for Node's socket lists.
+            on_restored(ev, objs)
         if ev.multi:
             return Message(ev.data, tuple(objs))
         return Message(ev.data, objs[0] if objs else None)

@@ -8,6 +8,12 @@ before trusting it (PROTOCOL.md §5):
     byte 1  socket: family (1 AF_UNIX, 2 AF_INET, 3 AF_INET6); file: mode bits
     byte 2  socket: type (1 SOCK_STREAM, 2 SOCK_DGRAM, 3 SOCK_SEQPACKET)
     byte 3  socket: 1 if listening, else 0
+
+Kind 4 is a socket received from Node.js (ipcbus/_node_protocol.py), whose
+envelope names only a class ("net.Socket"): family and type are taken from
+the fd itself, and byte 1 says what the envelope requires of it (1 listening
+stream, 2 connected stream, 3 any stream, 4 datagram); for a datagram, byte 2
+is the family the envelope's dgramType implies (0: AF_INET or AF_INET6).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import io
 import os
 import socket
 import stat
+import sys
 import warnings
 from types import TracebackType
 from typing import Any
@@ -27,6 +34,7 @@ __all__ = ["Handle"]
 KIND_SOCKET = 1
 KIND_FILE = 2
 KIND_FD = 3
+KIND_NODE_SOCKET = 4
 
 _FAMILIES = {getattr(socket, "AF_UNIX", -1): 1, socket.AF_INET: 2, socket.AF_INET6: 3}
 _FAMILY_CODES = {code: fam for fam, code in _FAMILIES.items() if fam != -1}
@@ -179,6 +187,14 @@ def restore(desc: bytes, fd: int) -> Any:
 
 def _restore(desc: bytes, fd: int) -> Any:
     kind = desc[0]
+    if sys.platform == "win32" and kind == KIND_SOCKET:  # Windows: a SOCKET, not a CRT fd
+        family = _FAMILY_CODES.get(desc[1])
+        typ = _TYPE_CODES.get(desc[2])
+        if family is None or typ is None:
+            raise HandleError(f"unknown socket descriptor {desc.hex()}")
+        from ._winhandles import restore_socket
+
+        return restore_socket(desc, fd, family, typ)
     st = os.fstat(fd)
     if kind == KIND_SOCKET:
         family = _FAMILY_CODES.get(desc[1])
@@ -209,7 +225,58 @@ def _restore(desc: bytes, fd: int) -> Any:
         return open(fd, mode, closefd=True)
     if kind == KIND_FD:
         return Handle(fd)
+    if kind == KIND_NODE_SOCKET:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise HandleError(f"Node sent a socket handle, but the fd is {_kind_name(st.st_mode)}")
+        return _restore_node_socket(desc, fd)
     raise HandleError(f"unknown handle kind {kind}")
+
+
+_NODE_REQUIREMENTS = {
+    1: "a listening stream socket (net.Server)",
+    2: "a connected stream socket (net.Socket)",
+    3: "a stream socket (net.Native)",
+    4: "an IP datagram socket (dgram)",
+}
+
+
+def _restore_node_socket(desc: bytes, fd: int) -> socket.socket:
+    req = desc[1]
+    wanted = _NODE_REQUIREMENTS.get(req)
+    if wanted is None:
+        raise HandleError(f"unknown Node socket descriptor {desc.hex()}")
+    sock = socket.socket(fileno=fd)  # the kernel tells family and type
+    try:
+        family, typ = sock.family, sock.type
+        if req == 4:
+            families = (_FAMILY_CODES[desc[2]],) if desc[2] in _FAMILY_CODES else (
+                socket.AF_INET, socket.AF_INET6)
+            ok = typ == socket.SOCK_DGRAM and family in families
+        else:
+            ok = typ == socket.SOCK_STREAM and family in _FAMILY_CODES.values()
+            if ok and req != 3:
+                listening = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+                ok = listening == (req == 1)
+        if not ok:
+            raise HandleError(
+                f"the envelope promised {wanted}, but the fd is a "
+                f"{getattr(family, 'name', family)}/{getattr(typ, 'name', typ)} socket"
+            )
+        if req == 2:
+            # Node detached its copy of a net.Socket when it sent it: ours
+            # alone, so it becomes an ordinary blocking socket.
+            sock.setblocking(True)
+        elif not os.get_blocking(fd):
+            # Node keeps its copy of servers and UDP sockets, and libuv needs
+            # them non-blocking (O_NONBLOCK is shared by both copies). Python
+            # would otherwise believe the socket blocking and raise
+            # BlockingIOError from accept(): say non-blocking, and let the
+            # user pick a timeout (settimeout keeps O_NONBLOCK set).
+            sock.setblocking(False)
+    except BaseException:
+        sock.detach()
+        raise
+    return sock
 
 
 def _kind_name(mode: int) -> str:
@@ -226,6 +293,11 @@ def _kind_name(mode: int) -> str:
 
 
 def _close_quietly(fd: int) -> None:
+    if sys.platform == "win32":  # a received SOCKET needs closesocket
+        from ._winhandles import close_received
+
+        close_received(fd)
+        return
     try:
         os.close(fd)
     except OSError:

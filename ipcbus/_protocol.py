@@ -25,7 +25,14 @@ from typing import Any
 
 import msgpack
 
-from ._errors import ChannelClosed, CodecError, HandleError, HandshakeError, ProtocolError
+from ._errors import (
+    AuthenticationError,
+    ChannelClosed,
+    CodecError,
+    HandleError,
+    HandshakeError,
+    ProtocolError,
+)
 from ._message import Message
 from .codecs import Codec
 
@@ -703,9 +710,13 @@ class Connection:
         if peer_auth != (self._authkey is not None):
             mine = "requires" if self._authkey is not None else "does not use"
             theirs = "requires" if peer_auth else "does not use"
-            raise HandshakeError(f"authentication: this side {mine} a key, peer {theirs} one")
+            raise AuthenticationError(f"authentication: this side {mine} a key, peer {theirs} one")
         if peer_auth and m != NONCE_SIZE:
-            raise HandshakeError(f"authentication nonce of {m} bytes, expected {NONCE_SIZE}")
+            raise AuthenticationError(f"authentication nonce of {m} bytes, expected {NONCE_SIZE}")
+        if peer_auth and hmac.compare_digest(nonce, self._nonce):
+            # A peer that echoes our nonce could reflect our own proof back
+            # to us (two "peer" ends compute the same HMAC): refuse it.
+            raise AuthenticationError("authentication failed: the peer echoed this side's nonce")
         del buf[: HELLO.size + body_len]
         self._consumed += HELLO.size + body_len
         self._peer_hello = (pid, nonce)
@@ -733,14 +744,14 @@ class Connection:
         buf = self._buf
         if len(buf) < FRAME.size:
             if self._eof:
-                raise HandshakeError("authentication failed: EOF before the peer's proof")
+                raise AuthenticationError("authentication failed: EOF before the peer's proof")
             return False
         length, ftype, nh, reserved = FRAME.unpack_from(buf, 0)
         if ftype != FRAME_AUTH or nh or reserved or length != 32:
-            raise HandshakeError("authentication failed: peer did not send a proof")
+            raise AuthenticationError("authentication failed: peer did not send a proof")
         if len(buf) < FRAME.size + 32:
             if self._eof:
-                raise HandshakeError("authentication failed: EOF inside the peer's proof")
+                raise AuthenticationError("authentication failed: EOF inside the peer's proof")
             return False
         proof = bytes(buf[FRAME.size : FRAME.size + 32])
         assert self._peer_hello is not None
@@ -749,7 +760,7 @@ class Connection:
             peer_role = b"peer"
         expected = self._proof(peer_role, self._nonce, self._peer_hello[1])
         if not hmac.compare_digest(proof, expected):
-            raise HandshakeError("authentication failed: the peer does not know the key")
+            raise AuthenticationError("authentication failed: the peer does not know the key")
         del buf[: FRAME.size + 32]
         self._consumed += FRAME.size + 32
         assert self.peer is not None

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import sys
 import time
 
 import pytest
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tests marked ``node`` skip where no ``node`` binary is on PATH, and
+    fail instead when ``IPCBUS_REQUIRE_NODE=1`` (CI sets it: there, a
+    missing node is a broken machine, not a reason to skip)."""
+    if item.get_closest_marker("node") is None or shutil.which("node") is not None:
+        return
+    if os.environ.get("IPCBUS_REQUIRE_NODE") == "1":
+        pytest.fail("IPCBUS_REQUIRE_NODE=1, but there is no `node` on PATH", pytrace=False)
+    pytest.skip("needs Node.js: no `node` on PATH")
 
 
 def fd_count() -> int:

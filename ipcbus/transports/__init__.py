@@ -1,7 +1,8 @@
 """Transports: how bytes (and fds) get between processes, chosen by URL scheme.
 
 Built in: ``unix`` (and ``unix-abstract`` on Linux), ``fd`` (an inherited
-socket), and ``memory`` (in-process, for tests). Third parties add a scheme
+socket), ``pipe`` (Windows named pipes), ``tcp`` (optionally TLS; needs an authkey), and ``memory``
+(in-process, for tests). Third parties add a scheme
 with :func:`register_transport` or with an entry point in the group
 ``ipcbus.transports`` whose object is a :class:`Transport` subclass or
 instance::
@@ -23,8 +24,10 @@ from ._base import Stream as Stream
 from ._base import Transport as Transport
 from ._fd import FdTransport as FdTransport
 from ._memory import MemoryTransport as MemoryTransport
+from ._pipe import PipeTransport as PipeTransport
 from ._sockets import AsyncSocketStream as AsyncSocketStream
 from ._sockets import SocketStream as SocketStream
+from ._tcp import TcpTransport as TcpTransport
 from ._unix import UnixAbstractTransport as UnixAbstractTransport
 from ._unix import UnixTransport as UnixTransport
 
@@ -35,8 +38,10 @@ __all__ = [
     "FdTransport",
     "Listener",
     "MemoryTransport",
+    "PipeTransport",
     "SocketStream",
     "Stream",
+    "TcpTransport",
     "Transport",
     "UnixAbstractTransport",
     "UnixTransport",
@@ -69,7 +74,7 @@ def register_transport(transport: Transport | type[Transport], *, replace: bool 
         _registry[scheme] = instance
 
 
-for _t in (UnixTransport, UnixAbstractTransport, FdTransport, MemoryTransport):
+for _t in (UnixTransport, UnixAbstractTransport, FdTransport, TcpTransport, MemoryTransport, PipeTransport):
     register_transport(_t)
 
 

@@ -1,0 +1,268 @@
+"""Python and real Node.js processes on one channel (Node's own IPC protocol).
+
+Both directions of parenthood run the same scenarios (tests/node/
+scenarios.py) against the same Node code (tests/node/peer_lib.js): Python
+parent of a Node child through ``ipcbus.spawn(..., protocol="node")``, and
+Python child of a Node parent through ``child_process.fork`` and
+``ipcbus.parent()``. Every Node process's stderr is checked for the marks of
+a confused Node (SentHandleNotReceivedWarning, internal assertions, uncaught
+exceptions), and Node must exit cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+import ipcbus
+import ipcbus.trio
+from ipcbus import ChannelClosed, HandleError, ProtocolError, TransportError
+
+NODE_DIR = Path(__file__).parent / "node"
+sys.path.insert(0, str(NODE_DIR))
+import scenarios  # noqa: E402
+
+pytestmark = pytest.mark.node
+
+TIMEOUT = 10.0
+# What a Node process prints when the protocol went wrong: a handle it gave
+# up on, an internal assertion (surplus ACK), an uncaught exception (bad
+# JSON, unknown handle type) or an abort (a file fd).
+NODE_TROUBLE = ("SentHandleNotReceivedWarning", "Assertion", "ERR_INTERNAL_ASSERTION", "Error", "Uncaught")
+
+
+def assert_node_was_happy(stderr: str) -> None:
+    for mark in NODE_TROUBLE:
+        assert mark not in stderr, f"node printed {mark!r}:\n{stderr}"
+
+
+@contextmanager
+def node_child(script: str = "peer.js") -> Iterator[ipcbus.ChildProcess]:
+    """A Node child speaking to us over its IPC channel; on a clean exit of
+    the block it is told to disconnect and must exit 0 with a clean stderr."""
+    with tempfile.TemporaryFile() as err:
+        child = ipcbus.spawn(["node", str(NODE_DIR / script)], ipc=True, protocol="node", stderr=err)
+        try:
+            yield child
+            child.channel.send({"op": "exit"})
+            with pytest.raises(ChannelClosed):
+                while True:
+                    child.channel.recv(timeout=TIMEOUT)
+            assert child.wait(TIMEOUT) == 0
+        finally:
+            child.close()
+        err.seek(0)
+        assert_node_was_happy(err.read().decode(errors="replace"))
+
+
+# ------------------------------------------------- Python parent, Node child
+
+
+@pytest.mark.parametrize("name", sorted(scenarios.ALL))
+def test_python_parent_node_child(name: str) -> None:
+    with node_child() as child:
+        scenarios.ALL[name](child.channel)
+
+
+def test_python_parent_sends_a_unix_server_to_node(tmp_path: Path) -> None:
+    with node_child() as child:
+        scenarios.server_to_node(child.channel, "unix", str(tmp_path / "s.sock"))
+
+
+def test_node_child_refuses_nothing_we_send(tmp_path: Path) -> None:
+    """Kinds Node cannot take are refused here, before a byte is written;
+    the channel and the Node child carry on (its stderr is checked)."""
+    with node_child() as child:
+        ch = child.channel
+        r, w = os.pipe()
+        with open(r, "rb") as rf, open(w, "wb") as wf, open(tmp_path / "f", "wb") as f:
+            for handle in (f, rf, wf, ipcbus.Handle(os.dup(f.fileno()))):
+                with pytest.raises(HandleError):
+                    ch.send("bad", handle)
+                if isinstance(handle, ipcbus.Handle):
+                    handle.close()
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        with a, b, pytest.raises(HandleError, match="Unix datagram"):
+            ch.send("bad", a)
+        with socket.create_server(("127.0.0.1", 0)) as s1, socket.create_server(("127.0.0.1", 0)) as s2:
+            with pytest.raises(HandleError, match="one handle"):
+                ch.send("two", handles=[s1, s2])
+        scenarios.messages(ch)
+        scenarios.server_to_node(ch)
+
+
+def test_trio_parent_node_child() -> None:
+    async def main() -> None:
+        async with ipcbus.trio.spawn(
+            ["node", str(NODE_DIR / "peer.js")], ipc=True, protocol="node", stderr=subprocess.DEVNULL
+        ) as child:
+            ch = child.channel
+            await ch.send({"op": "echo", "data": {"u": "\u2028😀"}})
+            with trio.fail_after(TIMEOUT):
+                assert (await ch.recv()).data == {"echo": {"u": "\u2028😀"}}
+            with socket.create_server(("127.0.0.1", 0)) as server:
+                # send() returns once Node acknowledged the handle; the echo
+                # sent right after it is held until then and arrives second.
+                await ch.send({"tag": "trio"}, server)
+                await ch.send({"op": "echo", "data": "after"})
+                with trio.fail_after(TIMEOUT):
+                    assert (await ch.recv()).data["got"] == "net.Server"
+                    assert (await ch.recv()).data == {"echo": "after"}
+                client = trio.socket.socket()
+                with client:
+                    await client.connect(server.getsockname())
+                    with trio.fail_after(TIMEOUT):
+                        data = await client.recv(100)
+                assert data.startswith(b"node ")
+                with trio.fail_after(TIMEOUT):
+                    assert (await ch.recv()).data == {"served": "trio"}
+            await ch.send({"op": "exit"})
+            with trio.fail_after(TIMEOUT), pytest.raises(ChannelClosed):
+                await ch.recv()
+            with trio.fail_after(TIMEOUT):
+                assert await child.wait() == 0
+
+    trio.run(main)
+
+
+# ------------------------------------------------- Node parent, Python child
+
+
+def run_node_parent(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, IPCBUS_TEST_PYTHON=sys.executable)
+    return subprocess.run(
+        ["node", str(NODE_DIR / "fork_python.js"), *args],
+        cwd=NODE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize("name", sorted(scenarios.ALL))
+def test_node_parent_python_child(name: str) -> None:
+    result = run_node_parent("py_driver.py", name)
+    assert result.returncode == 0, result.stderr
+    assert f"ok {name}" in result.stdout
+    assert_node_was_happy(result.stderr)
+
+
+def test_node_parent_in_advanced_mode_is_refused() -> None:
+    code = (
+        "import os, ipcbus\n"
+        "try:\n"
+        "    ipcbus.parent()\n"
+        "except ipcbus.TransportError as exc:\n"
+        "    print('refused:', exc)\n"
+        "print('env:', sorted(k for k in os.environ if k.startswith('NODE_CHANNEL')))\n"
+    )
+    script = (
+        "const {fork} = require('child_process');"
+        f"const c = fork('-c', [{json.dumps(code)}], {{execPath: {json.dumps(sys.executable)}, "
+        "execArgv: [], serialization: 'advanced', stdio: ['ignore', 'inherit', 'inherit', 'ipc']});"
+        "c.on('exit', (code) => process.exit(code));"
+    )
+    result = subprocess.run(["node", "-e", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "refused:" in result.stdout and "advanced" in result.stdout and "not supported" in result.stdout
+    assert "env: []" in result.stdout  # removed, as Node removes them
+
+
+# ------------------------------------------------- a bad "Node" on the wire
+
+
+@contextmanager
+def fake_node() -> Iterator[tuple[socket.socket, ipcbus.Channel]]:
+    """Our channel on one end of a socketpair; the test writes raw bytes as
+    a broken Node would on the other."""
+    ours, theirs = socket.socketpair()
+    try:
+        ch = ipcbus.connect(f"fd://{ours.detach()}", protocol="node")
+    except BaseException:
+        ours.close()
+        theirs.close()
+        raise
+    with theirs, ch:
+        yield theirs, ch
+
+
+@pytest.mark.parametrize(
+    ("garbage", "match"),
+    [
+        (b"hello\n", "not valid JSON"),
+        (b"\n", "empty line"),
+        (b'{"n":NaN}\n', "NaN"),
+        (b'{"a":1}{"b":2}\n', "not valid JSON"),
+        (b"\xc3\x28\n", "UTF-8"),
+    ],
+    ids=["garbage", "empty-line", "NaN", "two-values", "bad-utf8"],
+)
+def test_bad_bytes_from_node_are_a_ProtocolError_on_that_channel(garbage: bytes, match: str) -> None:
+    with fake_node() as (raw, ch), fake_node() as (raw2, other):
+        raw.sendall(b'{"fine":1}\r\n' + garbage + b'"never"\n')
+        assert ch.recv(timeout=TIMEOUT).data == {"fine": 1}
+        with pytest.raises(ProtocolError, match=match):
+            ch.recv(timeout=TIMEOUT)
+        assert ch.closed
+        with pytest.raises(ProtocolError):
+            ch.send("after the error")
+        # Every other channel keeps working.
+        raw2.sendall(b'"still here"\n')
+        assert other.recv(timeout=TIMEOUT).data == "still here"
+
+
+def test_fake_node_handle_of_the_wrong_kind_is_refused_and_closed() -> None:
+    with fake_node() as (raw, ch):
+        r, w = os.pipe()
+        try:
+            envelope = b'{"cmd":"NODE_HANDLE","type":"net.Server","msg":"pipe"}\n'
+            raw.sendmsg([envelope], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, r.to_bytes(4, sys.byteorder))])
+        finally:
+            os.close(r)
+            os.close(w)
+        with pytest.raises(HandleError, match="pipe"):
+            ch.recv(timeout=TIMEOUT)
+        # We acknowledged it (an fd came) before looking at it, as Node does.
+        raw.settimeout(TIMEOUT)
+        assert raw.recv(100) == b'{"cmd":"NODE_HANDLE_ACK"}\n'
+
+
+def test_fake_node_server_that_is_not_listening_is_refused() -> None:
+    with fake_node() as (raw, ch), socket.socket() as tcp:
+        envelope = b'{"cmd":"NODE_HANDLE","type":"net.Server","msg":"not listening"}\n'
+        raw.sendmsg([envelope], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, tcp.fileno().to_bytes(4, sys.byteorder))])
+        with pytest.raises(HandleError, match="listening"):
+            ch.recv(timeout=TIMEOUT)
+
+
+def test_fake_node_truncated_last_message_is_reported() -> None:
+    with fake_node() as (raw, ch):
+        raw.sendall(b'"whole"\n{"half":')
+        raw.shutdown(socket.SHUT_WR)
+        assert ch.recv(timeout=TIMEOUT).data == "whole"
+        with pytest.raises(ProtocolError, match="EOF inside a message"):
+            ch.recv(timeout=TIMEOUT)
+
+
+def test_node_protocol_option_errors() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        for bad in ({"codec": "msgpack"}, {"authkey": b"k"}, {"internal_prefix": "APP_"}, {"heartbeat": 1.0}):
+            fd = os.dup(a.fileno())
+            with pytest.raises(ValueError):
+                ipcbus.connect(f"fd://{fd}", protocol="node", **bad)
+        with pytest.raises(ValueError, match="protocol"):
+            ipcbus.spawn(["true"], ipc=True, protocol="node", codec="pickle")
+    with pytest.raises(TransportError):
+        ipcbus.connect("fd://999999", protocol="node")
