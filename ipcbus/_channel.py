@@ -25,6 +25,8 @@ from ._frontend import (
     RECV_SIZE,
     FrontendState,
     check_authentication,
+    encode_error,
+    fast_encoder,
     log_auth_failure,
     make_core,
     split_options,
@@ -50,9 +52,11 @@ __all__ = ["Channel", "Listener", "connect", "listen", "pair"]
 
 log = logging.getLogger("ipcbus")
 
-# A send after this long without a write goes out at once (a "lone" send);
-# sends closer together than this are batched.
-IDLE_WRITE = 0.0002
+# A send into an empty buffer this long after the last write goes out at once
+# (a "lone" send: ping-pong, a request); sends closer together than this are
+# a burst and are batched. A burst's sends come a microsecond or two apart; a
+# round trip between processes takes a few tens of microseconds at least.
+LONE_SEND_GAP = 0.000025
 # Write at once when this much is buffered, whatever the timing.
 FLUSH_AT = 64 * 1024
 # A sender that only sends reads the peer's handle acknowledgements after
@@ -85,7 +89,7 @@ class Channel(FrontendState):
         self._stream = stream
         self._core = core
         self._name = stream.transport_name
-        self._encode = core.codec.encode
+        self._encode = fast_encoder(core.codec)
         self._lock = threading.Lock()  # the core's state
         self._lock_acquire = self._lock.acquire
         self._lock_release = self._lock.release
@@ -200,7 +204,10 @@ class Channel(FrontendState):
         if self._closed:
             raise ChannelClosed("send on a closed channel")
         if handle is None and handles is None:
-            payload = self._encode(data)
+            try:
+                payload = self._encode(data)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise encode_error(self._core.codec, data, exc) from exc
             # acquire/release rather than `with`: half the cost on this path.
             self._lock_acquire()
             try:
@@ -208,11 +215,11 @@ class Channel(FrontendState):
             finally:
                 self._lock_release()
             if before == 0:
-                # First message since the last write: a lone send goes out
-                # now; one that follows a write closely starts a batch.
-                if _monotonic() - self._last_write >= IDLE_WRITE:
-                    self.flush()
+                if _monotonic() - self._last_write >= LONE_SEND_GAP:
+                    self._flush_nowait()  # a lone send (ping-pong, a request): out now
                 elif not self._scheduled:
+                    # A burst has begun: the flusher writes its tail if the
+                    # sender stops before FLUSH_AT, recv, flush or close do.
                     self._scheduled = True
                     _flusher.schedule(self)
             elif before >= FLUSH_AT:
@@ -285,6 +292,21 @@ class Channel(FrontendState):
         with self._wlock:
             self._write_out(deadline)
 
+    def _flush_nowait(self) -> None:
+        # Write what the kernel takes now; a send only blocks (backpressure)
+        # once FLUSH_AT bytes are waiting, so the rest goes to the flusher.
+        done = False
+        if self._wlock.acquire(blocking=False):
+            try:
+                done = self._write_out(None, block=False)
+            finally:
+                self._wlock.release()
+        # else another thread is writing; it may already have looked at the
+        # queue for the last time, so the flusher makes sure.
+        if not done and not self._scheduled:
+            self._scheduled = True
+            _flusher.schedule(self)
+
     def _write_out(self, deadline: float | None, *, block: bool = True) -> bool:
         # Called with _wlock held. Returns True when everything was written.
         stream = self._stream
@@ -352,6 +374,29 @@ class Channel(FrontendState):
                 self.flush(timeout=2.0)
             except (IPCError, TimeoutError):
                 pass
+
+    def _heartbeat_tick(self, now: float) -> bool:
+        # Called from the heartbeat thread; must never block on the peer.
+        if self._closed:
+            return False
+        heartbeat = self._heartbeat
+        assert heartbeat is not None
+        if now - self._last_write < heartbeat / _heartbeat.PINGS_PER_PERIOD:
+            return True
+        with self._lock:
+            core = self._core
+            # Before the handshake a ping would sit between the peer's hello
+            # and its proof; with output still unwritten, a ping adds nothing.
+            if not core.established or core.has_output() or self._partial is not None:
+                return True
+            try:
+                core.send_ping()
+            except IPCError:
+                return False
+        if not self._scheduled:
+            self._scheduled = True
+            _flusher.schedule(self)
+        return True
 
     # ---------------------------------------------------------------- receiving
 
@@ -520,7 +565,9 @@ class Channel(FrontendState):
         """
         deadline = None if timeout is None else _monotonic() + timeout
         with self._rlock:
-            while not self._core.established:
+            # EOF counts as "established" in the core; a peer that closed
+            # before its hello is a failed handshake, not a connected channel.
+            while not self._core.established or self._core.peer is None:
                 with self._lock:
                     state = self._core.state
                 if state == "ERROR":

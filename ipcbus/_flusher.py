@@ -64,6 +64,19 @@ def _run() -> None:
                 _pending.update(retry)
 
 
+def _after_fork_in_child() -> None:
+    # os.fork() copies the lock in whatever state the flusher thread left it,
+    # but not the thread: start over, or the child could deadlock in schedule().
+    global _cond, _pending, _thread
+    _cond = threading.Condition()
+    _pending = set()
+    _thread = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 @atexit.register
 def _flush_at_exit() -> None:
     # Daemon threads die with the interpreter: write what is still buffered,

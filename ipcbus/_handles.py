@@ -18,6 +18,7 @@ is the family the envelope's dgramType implies (0: AF_INET or AF_INET6).
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import socket
@@ -186,7 +187,14 @@ def restore(desc: bytes, fd: int) -> Any:
 
 
 def _restore(desc: bytes, fd: int) -> Any:
+    # Each kind is checked with the fewest system calls that prove it (a
+    # passed handle costs only a handful, so one more is a measurable share):
+    # a bare fd claims nothing, so there is nothing to check; a socket is
+    # proved by the getsockopt calls socket.socket(fileno=) makes anyway
+    # (ENOTSOCK for anything else); fstat only where it decides.
     kind = desc[0]
+    if kind == KIND_FD:
+        return Handle(fd)
     if sys.platform == "win32" and kind == KIND_SOCKET:  # Windows: a SOCKET, not a CRT fd
         family = _FAMILY_CODES.get(desc[1])
         typ = _TYPE_CODES.get(desc[2])
@@ -195,15 +203,17 @@ def _restore(desc: bytes, fd: int) -> Any:
         from ._winhandles import restore_socket
 
         return restore_socket(desc, fd, family, typ)
-    st = os.fstat(fd)
     if kind == KIND_SOCKET:
         family = _FAMILY_CODES.get(desc[1])
         typ = _TYPE_CODES.get(desc[2])
         if family is None or typ is None:
             raise HandleError(f"unknown socket descriptor {desc.hex()}")
-        if not stat.S_ISSOCK(st.st_mode):
-            raise HandleError(f"declared a socket, but the fd is {_kind_name(st.st_mode)}")
-        sock = socket.socket(fileno=fd)  # the kernel tells family and type
+        try:
+            sock = socket.socket(fileno=fd)  # the kernel tells family and type
+        except OSError as exc:
+            if exc.errno != errno.ENOTSOCK:
+                raise
+            raise HandleError(f"declared a socket, but the fd is {_kind_name(os.fstat(fd).st_mode)}") from None
         try:
             if sock.family != family or sock.type != typ:
                 raise HandleError(
@@ -214,17 +224,23 @@ def _restore(desc: bytes, fd: int) -> Any:
                 if bool(listening) != bool(desc[3]):
                     said = "listening" if desc[3] else "not listening"
                     raise HandleError(f"declared {said}, but the socket is the other")
+            if not os.get_blocking(fd):
+                # O_NONBLOCK belongs to the open file both copies share (the
+                # sender made it non-blocking: a timeout, trio): say so,
+                # rather than let accept()/recv() raise BlockingIOError on a
+                # socket that claims to block. Clearing it would change the
+                # sender's copy under it.
+                sock.setblocking(False)
         except BaseException:
             sock.detach()
             raise
         return sock
+    st = os.fstat(fd)
     if kind == KIND_FILE:
         if stat.S_ISSOCK(st.st_mode) or stat.S_ISDIR(st.st_mode):
             raise HandleError(f"declared a file, but the fd is {_kind_name(st.st_mode)}")
         mode = _file_mode(desc[1])
         return open(fd, mode, closefd=True)
-    if kind == KIND_FD:
-        return Handle(fd)
     if kind == KIND_NODE_SOCKET:
         if not stat.S_ISSOCK(st.st_mode):
             raise HandleError(f"Node sent a socket handle, but the fd is {_kind_name(st.st_mode)}")

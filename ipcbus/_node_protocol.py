@@ -23,7 +23,8 @@ refer to it.
   held back (ACK and NACK excepted), as Node does, so nothing overtakes it.
 
 There is no handshake in Node's protocol: the connection is established from
-the start and never emits :class:`HandshakeComplete`; ``peer`` stays None.
+the start and never emits :class:`HandshakeComplete`; ``peer`` is a
+:class:`NodePeer` from the start, saying what little is known.
 
 Like the native core, this one never closes an fd (it cannot: no ``os``).
 """
@@ -34,6 +35,7 @@ import json
 import weakref
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from json import encoder as _json_encoder
 from typing import Any
 
@@ -49,7 +51,7 @@ from ._protocol import (
     RawMessage,
 )
 
-__all__ = ["NODE_PREFIX", "NodeConnection", "NodeJSONCodec"]
+__all__ = ["NODE_PREFIX", "NodeConnection", "NodeJSONCodec", "NodePeer"]
 
 NODE_PREFIX = "NODE_"
 CMD_HANDLE = "NODE_HANDLE"
@@ -135,6 +137,7 @@ def _refuse_type(value: Any) -> Any:
 
 
 _CONTAINERS = (dict, list, tuple)
+_CONTAINER_SET = frozenset(_CONTAINERS)
 
 
 def _has_bad_key(value: Any, depth: int = 0) -> bool:
@@ -184,9 +187,17 @@ class NodeJSONCodec:
         self._decode = json.JSONDecoder(parse_constant=_refuse_constant).decode
 
     def encode(self, value: Any) -> bytes:
+        # The hot path: a flat dict with string keys is checked inline, and
+        # only a dict with something to look into is walked.
+        if type(value) is dict:
+            for key, item in value.items():
+                if type(key) is not str or type(item) in _CONTAINER_SET:
+                    if _has_bad_key(value):
+                        raise CodecError("json cannot carry a non-string map key")
+                    break
+        elif type(value) in _CONTAINER_SET and _has_bad_key(value):
+            raise CodecError("json cannot carry a non-string map key")
         try:
-            if type(value) in _CONTAINERS and _has_bad_key(value):
-                raise CodecError("json cannot carry a non-string map key")
             encode = self._encode
             # CPython always has the C encoder; the fallback is for others.
             text = "".join(encode(value, 0)) if encode is not None else self._fallback(value)
@@ -211,6 +222,19 @@ class NodeJSONCodec:
 
 
 # -------------------------------------------------------------- connection
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodePeer:
+    """What is known of a Node peer without a handshake (the fields of
+    :class:`~ipcbus._protocol.HandshakeComplete` that frontends read)."""
+
+    peer_pid: int | None
+    peer_codec: str = "json"
+    peer_can_carry_handles: bool
+    peer_max_message_size: int
+    authenticated: bool = False
+
 
 _OPEN = "OPEN"
 _EOF = "EOF"
@@ -266,6 +290,7 @@ class NodeConnection:
         can_carry_handles: bool,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         codec: NodeJSONCodec | None = None,
+        peer_pid: int | None = None,
     ) -> None:
         if max_message_size < 1024:
             raise ValueError(f"max_message_size must be at least 1024, not {max_message_size}")
@@ -273,7 +298,13 @@ class NodeConnection:
         self.can_carry_handles = can_carry_handles
         self.max_message_size = max_message_size
         self.max_handles = 1
-        self.peer: Any = None  # no handshake: nothing is known about the peer
+        # No handshake: the peer is taken as it comes (its pid, if the
+        # frontend knows it, e.g. from SO_PEERCRED).
+        self.peer = NodePeer(
+            peer_pid=peer_pid,
+            peer_can_carry_handles=can_carry_handles,
+            peer_max_message_size=max_message_size,
+        )
         self._prefixes: tuple[str, ...] = (NODE_PREFIX,)
         self._state = _OPEN
         self._error: BaseException | None = None

@@ -781,8 +781,8 @@ class _Capture:
                     n = os.write(fd, self._input[:65536])
                 except BlockingIOError:
                     continue
-                except (BrokenPipeError, OSError):
-                    n = len(self._input)  # the command stopped reading
+                except OSError:
+                    n = len(self._input)  # the command stopped reading (EPIPE)
                 self._input = self._input[n:]
                 if not self._input:
                     self._sel.unregister(fd)
@@ -874,8 +874,10 @@ def exec(
     call is interrupted (KeyboardInterrupt...), the group is killed too.
     ``input`` is written to the command's stdin (otherwise stdin is
     /dev/null). Output is bytes, or str with ``text=True`` (decoded with
-    ``encoding``/``errors``). A non-zero exit is not an error: check
-    ``result.returncode`` (or ``result.ok``).
+    ``encoding``/``errors``), read until every process holding the command's
+    stdout and stderr has closed them (so a background job that keeps them
+    open keeps ``exec`` waiting, up to ``timeout``). A non-zero exit is not
+    an error: check ``result.returncode`` (or ``result.ok``).
     """
     if not isinstance(command, str):
         raise TypeError("exec() takes a command line string; use exec_file() for an argv")

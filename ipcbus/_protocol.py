@@ -21,6 +21,8 @@ import struct
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
+from itertools import repeat
 from typing import Any
 
 import msgpack
@@ -34,7 +36,7 @@ from ._errors import (
     ProtocolError,
 )
 from ._message import Message
-from .codecs import Codec
+from .codecs import Codec, MsgpackCodec
 
 __all__ = [
     "Closed",
@@ -150,6 +152,7 @@ class Closed:
 
 _CLOSED = Closed()
 _BATCH_PLACEHOLDER = bytes(FRAME.size)
+_new_message = partial(tuple.__new__, Message)
 
 # Connection states
 _HELLO = "HELLO"
@@ -225,10 +228,11 @@ class Connection:
         self._out_size = 0
         self._unacked: deque[Any] = deque()  # one release token (or None) per handle frame
         self._closed_for_sending = False
-        self._batch: list[Any] | None = None  # [segment buffer, header offset, length]
+        self._batch: list[Any] | None = None  # [segment buffer, header offset, length, more than one]
         self._batch_limit = BATCH_TARGET if getattr(codec, "decode_batch", None) else 0
         self._send_limit = max_message_size
         self._decode_batch = getattr(codec, "decode_batch", None)
+        self._msgpack = type(codec) is MsgpackCodec
 
         self._emit_hello()
 
@@ -315,6 +319,7 @@ class Connection:
         if batch is not None and batch[2] + n <= self._batch_limit:
             batch[0] += payload
             batch[2] += n
+            batch[3] = True
             self._out_size = before + n
             return before
         if self._batch_limit and self._held is None and n <= BATCH_MESSAGE_MAX:
@@ -332,7 +337,7 @@ class Connection:
             offset = len(buf)
             buf += _BATCH_PLACEHOLDER
             buf += payload
-            self._batch = [buf, offset, n]
+            self._batch = [buf, offset, n, False]
             self._out_size = before + n + FRAME.size
             return before
         self._queue_frame(FRAME_DATA, payload, (), False, None)
@@ -341,7 +346,10 @@ class Connection:
     def _close_batch(self) -> None:
         batch = self._batch
         if batch is not None:
-            FRAME.pack_into(batch[0], batch[1], batch[2], FRAME_BATCH, 0, 0)
+            # A batch of one is an ordinary DATA frame: the receiver decodes
+            # it without setting up a stream decoder (the ping-pong case).
+            ftype = FRAME_BATCH if batch[3] else FRAME_DATA
+            FRAME.pack_into(batch[0], batch[1], batch[2], ftype, 0, 0)
             self._batch = None
 
     def _check_can_send(self) -> None:
@@ -538,7 +546,12 @@ class Connection:
         finally:
             view.release()
             if pos:
-                del buf[:pos]
+                try:
+                    del buf[:pos]
+                except BufferError:
+                    # A decoder's exception (its traceback) still holds a
+                    # slice of the buffer, which then cannot be resized.
+                    buf = self._buf = buf[pos:]
                 self._consumed += pos
         if self._acks_due:
             self._send_control({"cmd": CONTROL_ACK, "n": self._acks_due})
@@ -610,7 +623,7 @@ class Connection:
             else:
                 self._events.append(Message(value, None))
         elif ftype == FRAME_BATCH:
-            self._parse_batch(view[start:end])
+            self._parse_batch(self._buf[start:end] if self._msgpack else view[start:end])
         elif ftype == FRAME_CONTROL:
             self._control(view[start:end])
         elif ftype == FRAME_AUTH:
@@ -621,10 +634,17 @@ class Connection:
     def _parse_batch(self, payload: memoryview) -> None:
         if self._decode_batch is None:
             raise ProtocolError(f"batch frame, but the {self.codec.name} codec cannot batch")
+        values = self._decode_batch(payload)
+        if self._msgpack and b"cmd" not in payload:
+            # No value in this batch can have a "cmd" key (however msgpack
+            # encodes it, the key's bytes appear), so none is internal: wrap
+            # them all without a Python-level loop.
+            self._events.extend(map(_new_message, zip(values, repeat(None))))
+            return
         append = self._events.append
         prefixes = self._prefixes
         new = tuple.__new__
-        for value in self._decode_batch(payload):
+        for value in values:
             if type(value) is dict:
                 cmd = value.get("cmd")
                 if type(cmd) is str and cmd.startswith(prefixes):

@@ -32,11 +32,14 @@ from typing import Any
 
 import trio
 
-from ._errors import ChannelClosed, HandshakeError, HandshakeTimeout, IPCError, TransportError
+from . import _heartbeat
+from ._errors import ChannelClosed, HandshakeError, HandshakeTimeout, HeartbeatTimeout, IPCError, TransportError
 from ._frontend import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     RECV_SIZE,
     FrontendState,
+    check_authentication,
+    log_auth_failure,
     make_core,
     split_options,
 )
@@ -100,6 +103,7 @@ class AsyncChannel(FrontendState):
         core: Connection,
         *,
         handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+        heartbeat: float | None = None,
     ) -> None:
         self._stream = stream
         self._core = core
@@ -125,6 +129,10 @@ class AsyncChannel(FrontendState):
         self._hs_deadline = (
             None if handshake_timeout is None else trio.current_time() + handshake_timeout
         )
+        self._heartbeat = heartbeat
+        self._last_rx = trio.current_time()
+        self._last_ping = 0.0  # time.monotonic() of the heartbeat thread
+        self._trio_token = trio.lowlevel.current_trio_token()
         self._init_frontend()
         self._finalizer = weakref.finalize(
             self, _abandon, stream, core, self._name, self._wake, trio.lowlevel.current_trio_token()
@@ -134,6 +142,8 @@ class AsyncChannel(FrontendState):
         trio.lowlevel.spawn_system_task(
             _writer_task, weakref.ref(self), self._wake, name=f"ipcbus-writer ({self._name})"
         )
+        if heartbeat is not None:
+            _heartbeat.register(self)
 
     @classmethod
     def _open(cls, stream: AsyncStream, role: str, **options: Any) -> AsyncChannel:
@@ -142,6 +152,7 @@ class AsyncChannel(FrontendState):
         ``max_message_size``, ``handshake_timeout``...); ``role`` is
         ``"client"``, ``"server"`` or ``"peer"``."""
         timeout = options.pop("handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT)
+        heartbeat = options.get("heartbeat")  # make_core checks its value
         try:
             core = make_core(
                 trusted=stream.trusted,
@@ -149,7 +160,7 @@ class AsyncChannel(FrontendState):
                 role=role,
                 **options,
             )
-            return cls(stream, core, handshake_timeout=timeout)
+            return cls(stream, core, handshake_timeout=timeout, heartbeat=heartbeat)
         except BaseException:
             stream.close_nowait()
             raise
@@ -527,11 +538,20 @@ class AsyncChannel(FrontendState):
     async def _receive(self) -> tuple[bytes, list[int]]:
         stream = self._stream
         deadline = None if self._core.established else self._hs_deadline
+        heartbeat = self._heartbeat if deadline is None else None
+        if heartbeat is not None:
+            # A read that starts late (the task was busy) gets a moment to
+            # find what is already buffered before the peer counts as silent.
+            deadline = max(self._last_rx + heartbeat, trio.current_time() + heartbeat / 4)
         try:
             if deadline is None:
-                return await stream.receive(RECV_SIZE, SCM_MAX_FD)
+                result = await stream.receive(RECV_SIZE, SCM_MAX_FD)
+                self._last_rx = trio.current_time()
+                return result
             with trio.move_on_at(deadline):
-                return await stream.receive(RECV_SIZE, SCM_MAX_FD)
+                result = await stream.receive(RECV_SIZE, SCM_MAX_FD)
+                self._last_rx = trio.current_time()
+                return result
         except ChannelClosed:
             if self._closed:
                 raise ChannelClosed("recv on a closed channel") from None
@@ -541,9 +561,41 @@ class AsyncChannel(FrontendState):
         except IPCError as exc:
             self._fail(exc)
             raise
-        exc = HandshakeTimeout(f"{self._name}: the peer did not complete the handshake in time")
+        if heartbeat is not None:
+            exc: IPCError = HeartbeatTimeout(
+                f"{self._name}: nothing from the peer for {heartbeat:g} s (heartbeat); "
+                "it is dead, stopped or unreachable"
+            )
+        else:
+            exc = HandshakeTimeout(f"{self._name}: the peer did not complete the handshake in time")
         self._fail(exc)
         raise exc
+
+    def _heartbeat_tick(self, now: float) -> bool:
+        # Called from the heartbeat thread: the ping is queued in trio's thread.
+        if self._closed:
+            return False
+        assert self._heartbeat is not None
+        if now - self._last_ping < self._heartbeat / _heartbeat.PINGS_PER_PERIOD:
+            return True
+        self._last_ping = now
+        try:
+            self._trio_token.run_sync_soon(self._heartbeat_ping)
+        except trio.RunFinishedError:
+            return False
+        return True
+
+    def _heartbeat_ping(self) -> None:
+        core = self._core
+        # Before the handshake a ping would sit between the peer's hello and
+        # its proof; with output still unwritten, a ping adds nothing.
+        if self._closed or not core.established or core.has_output() or self._partial is not None:
+            return
+        try:
+            core.send_ping()
+        except IPCError:
+            return
+        self._wake.unpark_all()
 
     async def wait_handshake(self) -> None:
         """Wait until the peer's hello (and proof, with a key) was accepted.
@@ -556,7 +608,9 @@ class AsyncChannel(FrontendState):
         core = self._core
         yielded = False
         try:
-            while not core.established:
+            # EOF counts as "established" in the core; a peer that closed
+            # before its hello is a failed handshake, not a connected channel.
+            while not core.established or core.peer is None:
                 state = core.state
                 if state == "ERROR":
                     try:
@@ -588,6 +642,8 @@ class AsyncChannel(FrontendState):
 
     def _fail(self, exc: BaseException) -> None:
         # A fault on this channel ends it; the error stays (sticky).
+        if not self._closed:
+            log_auth_failure(exc, self._stream)
         self._core.fail_locally(exc)
         self._teardown()
 
@@ -765,8 +821,10 @@ async def listen(url: str, **options: Any) -> AsyncListener:
     ``mode``); a transport refuses ones it does not know with TypeError.
     """
     await trio.lowlevel.checkpoint()
+    allow_unauthenticated = bool(options.pop("allow_unauthenticated", False))
     scheme, address = split_url(url)
     chan_opts, trans_opts = split_options(options)
+    check_authentication(get_transport(scheme), scheme, address, chan_opts, allow_unauthenticated)
     # Fail now, not at the first accept, for options the core refuses
     # (pickle without a key, a bad limit).
     make_core(trusted=False, can_carry_handles=False, role="server", **{
@@ -783,9 +841,11 @@ async def connect(url: str, **options: Any) -> AsyncChannel:
     own. Raises TransportError (nobody there), HandshakeError (the peer
     disagrees: version, codec, key), HandshakeTimeout.
     """
+    allow_unauthenticated = bool(options.pop("allow_unauthenticated", False))
     scheme, address = split_url(url)
     chan_opts, trans_opts = split_options(options)
     transport = get_transport(scheme)
+    check_authentication(transport, scheme, address, chan_opts, allow_unauthenticated)
     stream = await transport.connect_async(address, **trans_opts)
     channel = AsyncChannel._open(stream, "client", **chan_opts)
     try:

@@ -71,7 +71,15 @@ def export(segment: bytes | bytearray | memoryview, fds: list[int], peer_pid: in
         for i, fd in enumerate(fds):
             kind = head[_FRAME_HEADER + 1 + 4 * i]
             if kind == _KIND_SOCKET:
-                sock = socket.socket(fileno=fd)
+                from ._handles import _FAMILY_CODES, _TYPE_CODES
+
+                desc = head[_FRAME_HEADER + 1 + 4 * i : _FRAME_HEADER + 5 + 4 * i]
+                family, typ = _FAMILY_CODES.get(desc[1]), _TYPE_CODES.get(desc[2])
+                if family is None or typ is None:
+                    raise HandleError(f"unknown socket descriptor {desc.hex()}")
+                # Family and type given: nothing to ask the socket (an unbound
+                # one cannot say).
+                sock = socket.socket(family, typ, 0, fileno=fd)
                 try:
                     blob = sock.share(peer_pid)
                 except OSError as exc:

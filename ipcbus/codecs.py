@@ -22,12 +22,14 @@ import math
 import pickle
 import threading
 from collections.abc import Callable
-from importlib import metadata
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import msgpack
 
 from ._errors import CodecError
+
+if TYPE_CHECKING:
+    from importlib import metadata
 
 __all__ = [
     "Codec",
@@ -220,6 +222,10 @@ def _load_entry_points() -> None:
         if _entry_points_loaded:
             return
         _entry_points_loaded = True
+        # Imported here: importlib.metadata pulls in email and socket, and
+        # the sans-IO core (which imports this module) must not.
+        from importlib import metadata
+
         for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
             _registry.setdefault(ep.name, _LazyEntryPoint(ep))
 
@@ -231,7 +237,12 @@ class _LazyEntryPoint:
         self._ep = ep
 
     def __call__(self) -> Codec:
-        factory = self._ep.load()
+        try:
+            factory = self._ep.load()
+        except Exception as exc:  # an import can fail in any way
+            raise CodecError(
+                f"cannot load codec entry point {self._ep.name!r} ({self._ep.value}): {exc}"
+            ) from exc
         return factory()
 
 

@@ -15,6 +15,10 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     """Tests marked ``node`` skip where no ``node`` binary is on PATH, and
     fail instead when ``IPCBUS_REQUIRE_NODE=1`` (CI sets it: there, a
     missing node is a broken machine, not a reason to skip)."""
+    posix = item.get_closest_marker("posix")
+    if posix is not None and sys.platform == "win32":
+        why = posix.args[0] if posix.args else "fork/pass_fds, SCM_RIGHTS or Unix sockets"
+        pytest.skip(f"POSIX only ({why}); this is Windows")
     if item.get_closest_marker("node") is None or shutil.which("node") is not None:
         return
     if os.environ.get("IPCBUS_REQUIRE_NODE") == "1":

@@ -126,7 +126,8 @@ def test_NodeConnection_refuses_a_message_over_max_message_size() -> None:
 
 def test_NodeConnection_is_established_without_a_handshake() -> None:
     c = conn()
-    assert c.established and c.state == "OPEN" and c.peer is None
+    assert c.established and c.state == "OPEN"
+    assert c.peer is not None and c.peer.peer_pid is None and not c.peer.authenticated
     assert not c.has_output()  # nothing is written before the first message
     assert c.next_event() is NEED_DATA
 

@@ -360,19 +360,23 @@ def test_spawn_missing_executable_raises_and_leaks_nothing(tmp_path: Path) -> No
 
 
 def test_parent_sigkill_makes_the_child_see_eof(tmp_path: Path) -> None:
-    pidfile = tmp_path / "worker.pid"
-    eoffile = tmp_path / "worker.eof"
+    # Two workers, and the second stays alive after its EOF: had the
+    # master's end of the first channel leaked into the second worker, the
+    # first would not see EOF when the master dies.
+    pidfile = tmp_path / "workers.pid"
     worker = write(
         tmp_path,
         "worker.py",
         f"""
-        import os, ipcbus
+        import sys, time, ipcbus
         ch = ipcbus.parent()
         ch.send("up")
         for msg in ch:
             pass
-        with open({str(eoffile)!r}, "w") as f:
+        with open({str(tmp_path)!r} + "/eof." + sys.argv[1], "w") as f:
             f.write("eof")
+        if sys.argv[1] == "1":
+            time.sleep(60)
         """,
     )
     master = write(
@@ -380,20 +384,30 @@ def test_parent_sigkill_makes_the_child_see_eof(tmp_path: Path) -> None:
         "master.py",
         f"""
         import time, ipcbus
-        child = ipcbus.fork({str(worker)!r})
-        assert child.channel.recv(timeout=20).data == "up"
+        children = [ipcbus.fork({str(worker)!r}, [str(i)]) for i in range(2)]
+        for child in children:
+            assert child.channel.recv(timeout=20).data == "up"
         with open({str(pidfile)!r}, "w") as f:
-            f.write(f"{{child.pid}}.")
+            f.write(" ".join(str(c.pid) for c in children) + ".")
         time.sleep(60)
         """,
     )
     with ipcbus.spawn([sys.executable, master]) as middle:
-        worker_pid = read_pid(pidfile)
-        assert not gone(worker_pid)
+        wait_until(lambda: pidfile.exists() and pidfile.read_text().endswith("."), what="the workers' pids")
+        worker_pids = [int(p) for p in pidfile.read_text().rstrip(".").split()]
+        assert not any(gone(pid) for pid in worker_pids)
         middle.kill()
         assert middle.wait(T) == -signal.SIGKILL
-    wait_until(lambda: gone(worker_pid), what=f"orphaned worker {worker_pid} to exit")
-    assert eoffile.read_text() == "eof"
+    try:
+        wait_until(lambda: gone(worker_pids[0]), what=f"orphaned worker {worker_pids[0]} to exit")
+        wait_until(lambda: (tmp_path / "eof.1").exists(), what="the second worker to see EOF")
+        assert (tmp_path / "eof.0").read_text() == "eof"
+    finally:
+        try:
+            os.kill(worker_pids[1], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    wait_until(lambda: gone(worker_pids[1]), what=f"worker {worker_pids[1]} to die")
 
 
 # ------------------------------------------------------------------- waiting
@@ -440,20 +454,29 @@ def test_wait_does_not_reap_other_children() -> None:
 
 
 def test_fifty_children_leave_no_zombies_and_no_fds(tmp_path: Path) -> None:
-    script = write(tmp_path, "echo.py", ECHO)
+    # A light child (no site, no ipcbus import) so that fifty of them start
+    # quickly on a small machine: it reads its inherited channel to EOF.
+    script = write(
+        tmp_path,
+        "reader.py",
+        """
+        import os
+        fd = int(os.environ["IPCBUS_CHANNEL_FD"])
+        while os.read(fd, 65536):
+            pass
+        """,
+    )
     fd_dir = "/proc/self/fd"
     before = len(os.listdir(fd_dir))
     children: list[ipcbus.ChildProcess] = []
     try:
-        # Five waves of ten, so that fifty interpreters starting at once on a
-        # small machine do not outlast the handshake timeout.
-        for _ in range(5):
-            wave = [ipcbus.fork(script, handshake_timeout=60) for _ in range(10)]
-            children += wave
-            for c in wave:
-                assert c.channel.recv(timeout=60).data == {"hello": c.pid}
-                c.channel.send("exit")
-            assert len(list(ipcbus.wait_any(wave, timeout=60))) == 10
+        for _ in range(50):
+            children.append(ipcbus.fork(script, python_args=["-S"]))
+        assert len({c.pid for c in children}) == 50
+        assert ipcbus.wait_children(children, timeout=0) == []
+        for c in children:
+            c.disconnect()  # each child sees EOF and exits 0
+        assert len(list(ipcbus.wait_any(children, timeout=60))) == 50
     finally:
         for c in children:
             c.close(grace=1)

@@ -343,10 +343,11 @@ def test_a_peer_that_echoes_our_nonce_is_refused():
 
 def _make_pki(tmp: Path) -> dict[str, Path]:
     x509 = pytest.importorskip("cryptography.x509", reason="the cryptography package is needed to make a test CA")
+    import ipaddress
+
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-    import ipaddress
 
     now = datetime.datetime.now(datetime.timezone.utc)
 
@@ -475,10 +476,11 @@ def test_mutual_tls(pki):
         t = threading.Thread(target=run)
         t.start()
         # Without a client certificate the server refuses the handshake...
-        with pytest.raises(ipcbus.IPCError):
-            with ipcbus.connect(listener.address, authkey=KEY, ssl_context=_client_ctx(pki)) as bad:
-                bad.send("x")
-                bad.recv(timeout=10)
+        with pytest.raises(ipcbus.IPCError), ipcbus.connect(
+            listener.address, authkey=KEY, ssl_context=_client_ctx(pki)
+        ) as bad:
+            bad.send("x")
+            bad.recv(timeout=10)
         # ...and the accept loop hands out the next, good peer.
         ch = ipcbus.connect(listener.address, authkey=KEY, ssl_context=_client_ctx(pki, cert=True))
         with ch:
@@ -509,10 +511,15 @@ def test_tls_client_trusting_another_ca_fails(pki, caplog):
 
 
 def test_plain_client_to_tls_listener_fails(pki):
-    with ipcbus.listen("tcp://127.0.0.1:0", authkey=KEY, ssl_context=_server_ctx(pki),
-                       tls_handshake_timeout=5) as listener:
+    with ipcbus.listen("tcp://127.0.0.1:0", authkey=KEY, ssl_context=_server_ctx(pki)) as listener:
+        server, errors = _serve_echo(listener)  # accept() drives the TLS handshakes
         with pytest.raises(ipcbus.IPCError):
-            ipcbus.connect(listener.address, authkey=KEY, handshake_timeout=5)
+            ipcbus.connect(listener.address, authkey=KEY, handshake_timeout=20)
+        with ipcbus.connect(listener.address, authkey=KEY, ssl_context=_client_ctx(pki)) as ch:
+            ch.send("tls")
+            assert ch.recv(timeout=10).data == "tls"
+        server.join(30)
+    assert not errors
 
 
 def test_silent_peer_does_not_stall_tls_accept(pki, caplog):
@@ -597,7 +604,7 @@ def test_200_concurrent_clients():
         procs = [_child(code, {"IPCBUS_TEST_KEY": KEY.decode()}) for _ in range(clients // per_proc)]
         results = [_finish(p, 90) for p in procs]
         server.join(60)
-    for p, (out, err) in zip(procs, results):
+    for p, (out, err) in zip(procs, results, strict=True):
         assert p.returncode == 0, err
         assert out.strip() == str(per_proc), (out, err)
     assert not errors, errors[:3]
@@ -606,7 +613,9 @@ def test_200_concurrent_clients():
 # ----------------------------------------------------------------- heartbeat
 
 
-HEARTBEAT = 1.0
+# Pings go out every HEARTBEAT / 4 s: a false alarm would need the peer's
+# heartbeat thread to stall for the whole period.
+HEARTBEAT = 1.5
 
 
 def test_heartbeat_detects_a_stopped_peer():
@@ -627,9 +636,9 @@ def test_heartbeat_detects_a_stopped_peer():
         try:
             with listener.accept(timeout=30) as ch:
                 assert ch.recv(timeout=30).data == "ready"
-                # Alive and idle for three heartbeat periods: only pings flow.
+                # Alive and idle for two heartbeat periods: only pings flow.
                 with pytest.raises(TimeoutError) as info:
-                    ch.recv(timeout=3 * HEARTBEAT)
+                    ch.recv(timeout=2 * HEARTBEAT)
                 assert not isinstance(info.value, ipcbus.IPCError)
                 assert not ch.closed
                 os.kill(proc.pid, signal.SIGSTOP)
@@ -647,7 +656,8 @@ def test_killed_peer_is_an_end_of_stream():
         proc = _child(
             f"""
             import os, time, ipcbus
-            ch = ipcbus.connect({listener.address!r}, authkey=os.environb[b"IPCBUS_TEST_KEY"])
+            ch = ipcbus.connect({listener.address!r}, authkey=os.environb[b"IPCBUS_TEST_KEY"],
+                                heartbeat={HEARTBEAT})
             ch.send("ready")
             time.sleep(120)
             """,
@@ -668,3 +678,124 @@ def test_heartbeat_value_is_checked():
     for bad in (0, -1, "1"):
         with pytest.raises(ValueError, match="heartbeat"):
             ipcbus.listen("tcp://127.0.0.1:0", authkey=KEY, heartbeat=bad)
+
+
+# ---------------------------------------------------------------------- trio
+
+
+def test_trio_tcp_and_tls(pki):
+    trio = pytest.importorskip("trio")
+    import ipcbus.trio
+
+    async def exchange(server_opts: dict, client_opts: dict) -> None:
+        async with await ipcbus.trio.listen("tcp://127.0.0.1:0", authkey=KEY, **server_opts) as listener:
+
+            async def serve() -> None:
+                ch = await listener.accept()
+                async with ch:
+                    async for msg in ch:
+                        await ch.send(msg.data)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve)
+                with trio.fail_after(30):
+                    ch = await ipcbus.trio.connect(listener.address, authkey=KEY, **client_opts)
+                    async with ch:
+                        assert ch.authenticated
+                        for i in range(1000):
+                            await ch.send({"i": i})
+                        for i in range(1000):
+                            assert (await ch.recv()).data == {"i": i}
+                        with pytest.raises(ipcbus.HandleError, match="tcp"):
+                            a, b = socket.socketpair()
+                            with a, b:
+                                await ch.send("x", handle=a)
+
+    async def main() -> None:
+        await exchange({}, {})
+        await exchange({"ssl_context": _server_ctx(pki, mutual=True)},
+                       {"ssl_context": _client_ctx(pki, cert=True)})
+
+    trio.run(main)
+
+
+def test_trio_authentication_rules(pki):
+    trio = pytest.importorskip("trio")
+    import ipcbus.trio
+
+    async def main() -> None:
+        with pytest.raises(ipcbus.TransportError, match="authkey"):
+            await ipcbus.trio.listen("tcp://127.0.0.1:0")
+        with pytest.raises(ipcbus.TransportError, match="loopback"):
+            await ipcbus.trio.listen("tcp://0.0.0.0:0", allow_unauthenticated=True)
+        async with await ipcbus.trio.listen("tcp://127.0.0.1:0", authkey=KEY) as listener:
+            got: list = []
+
+            async def serve() -> None:
+                ch = await listener.accept()
+                async with ch:
+                    try:
+                        got.append(await ch.recv())
+                    except ipcbus.IPCError as exc:
+                        got.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve)
+                with trio.fail_after(30), pytest.raises(ipcbus.AuthenticationError):
+                    await ipcbus.trio.connect(listener.address, authkey=b"wrong")
+            assert isinstance(got[0], ipcbus.AuthenticationError)
+        # A TLS client that trusts another CA fails at connect.
+        async with await ipcbus.trio.listen(
+            "tcp://127.0.0.1:0", authkey=KEY, ssl_context=_server_ctx(pki)
+        ) as listener:
+
+            async def serve_one() -> None:
+                ch = await listener.accept()
+                async with ch:
+                    with pytest.raises(ipcbus.IPCError):
+                        await ch.recv()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve_one)
+                with trio.fail_after(30), pytest.raises(ipcbus.HandshakeError, match="certificate verif"):
+                    await ipcbus.trio.connect(
+                        listener.address, authkey=KEY, ssl_context=_client_ctx(pki, ca="other_ca")
+                    )
+
+    trio.run(main)
+
+
+def test_trio_heartbeat_detects_a_stopped_peer():
+    trio = pytest.importorskip("trio")
+    import ipcbus.trio
+
+    async def main() -> None:
+        async with await ipcbus.trio.listen("tcp://127.0.0.1:0", authkey=KEY, heartbeat=HEARTBEAT) as listener:
+            proc = _child(
+                f"""
+                import os, time, ipcbus
+                ch = ipcbus.connect({listener.address!r}, authkey=os.environb[b"IPCBUS_TEST_KEY"],
+                                    heartbeat={HEARTBEAT})
+                ch.send("ready")
+                time.sleep(120)
+                """,
+                {"IPCBUS_TEST_KEY": KEY.decode()},
+            )
+            try:
+                with trio.fail_after(30):
+                    ch = await listener.accept()
+                async with ch:
+                    with trio.fail_after(30):
+                        assert (await ch.recv()).data == "ready"
+                    with trio.move_on_after(2 * HEARTBEAT) as idle:
+                        await ch.recv()  # only pings flow: nothing to return
+                    assert idle.cancelled_caught and not ch.closed
+                    os.kill(proc.pid, signal.SIGSTOP)
+                    with trio.fail_after(60), pytest.raises(ipcbus.HeartbeatTimeout):
+                        await ch.recv()
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
+                proc.kill()
+                _finish(proc)
+
+    trio.run(main)

@@ -346,30 +346,37 @@ def test_wait_children_and_wait_any(tmp_path: Path) -> None:
 
 
 def test_many_children_leave_no_zombies(tmp_path: Path) -> None:
-    script = write(tmp_path, "echo.py", BLOCKING_ECHO)
+    # Light children (no site, no ipcbus import) that read their channel to EOF.
+    script = write(
+        tmp_path,
+        "reader.py",
+        """
+        import os
+        fd = int(os.environ["IPCBUS_CHANNEL_FD"])
+        while os.read(fd, 65536):
+            pass
+        """,
+    )
 
-    async def main() -> list[int]:
-        pids = []
-        for _ in range(2):  # two waves of ten
-            async with trio.open_nursery() as nursery:
-                wave: list[ipcbus.trio.AsyncChildProcess] = []
+    async def main() -> list[ipcbus.trio.AsyncChildProcess]:
+        children: list[ipcbus.trio.AsyncChildProcess] = []
 
-                async def one(wave: list[ipcbus.trio.AsyncChildProcess] = wave) -> None:
-                    async with ipcbus.trio.fork(script, handshake_timeout=60) as child:
-                        wave.append(child)
-                        await child.channel.recv()
-                        await child.channel.send("exit")
-                        await child.wait()
+        async def one() -> None:
+            async with ipcbus.trio.fork(script, python_args=["-S"]) as child:
+                children.append(child)
+                await child.disconnect()
+                assert await child.wait() == 0
 
-                for _ in range(10):
-                    nursery.start_soon(one)
-            assert [c.returncode for c in wave] == [0] * 10
-            pids += [c.pid for c in wave]
-        return pids
+        async with trio.open_nursery() as nursery:
+            for _ in range(30):
+                nursery.start_soon(one)
+        return children
 
-    for pid in run(main):
+    children = run(main)
+    assert [c.returncode for c in children] == [0] * 30
+    for c in children:
         with pytest.raises(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
+            os.waitpid(c.pid, os.WNOHANG)
 
 
 # ---------------------------------------------------------------- exec / file

@@ -53,6 +53,9 @@ TAG_HANDLES = 1
 # A handle record holds at most SCM_MAX_FD entries of at most 4 KiB each.
 MAX_HANDLE_RECORD = 1 + 253 * (5 + 4096)
 BUFSIZE = 64 * 1024
+# The pipe's buffer quota: about what a Unix socket buffers, so that a burst sent
+# before the peer reads does not block the sender.
+PIPE_BUFFER = 1024 * 1024
 DEFAULT_MAX_INSTANCES = 64
 DEFAULT_CONNECT_TIMEOUT = 10.0
 
@@ -279,7 +282,7 @@ def _create_instance(path: str, *, first: bool, max_instances: int) -> int:
     # PIPE_TYPE_BYTE and PIPE_READMODE_BYTE are 0: a byte stream, like a socket.
     pipe_mode = _winapi.PIPE_WAIT | PIPE_REJECT_REMOTE_CLIENTS
     return _winapi.CreateNamedPipe(
-        path, open_mode, pipe_mode, max_instances, BUFSIZE, BUFSIZE,
+        path, open_mode, pipe_mode, max_instances, PIPE_BUFFER, PIPE_BUFFER,
         _winapi.NMPWAIT_WAIT_FOREVER, _security_attributes(),
     )
 
@@ -609,7 +612,7 @@ class PipeListener(Listener):
                 raise TransportError(f"pipe: accepting on {self._path} failed with error {err}")
             self._next = None
             try:
-                self._instance(0.0 if deadline is None else deadline)
+                self._instance(0.0)  # one attempt: when all are busy, the next accept waits
             except (TimeoutError, TransportError):
                 pass  # offered again at the next accept
         return PipeStream(h, name="pipe", server_end=True)

@@ -26,9 +26,13 @@ __all__ = ["AsyncSocketStream", "SocketStream", "recv_with_fds"]
 
 SCM_MAX_FD = 253
 _ANC_SPACE = socket.CMSG_SPACE(SCM_MAX_FD * 4) if hasattr(socket, "CMSG_SPACE") else 0
-_RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
-_SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
-_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+# Plain ints: the MSG_* names are IntFlag members, and every | or & on them
+# is a Python-level call (a measurable share of one passed handle).
+_RECV_FLAGS = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+_SEND_FLAGS = int(getattr(socket, "MSG_NOSIGNAL", 0))
+_DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0))
+_SEND_NOWAIT = _SEND_FLAGS | _DONTWAIT
+_CTRUNC = int(getattr(socket, "MSG_CTRUNC", 0))
 _CLOSED_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN}
 # recv of a large max_bytes allocates that much for every call: past glibc's
 # mmap threshold (128 KiB) that is an mmap, page faults and a shrink each time
@@ -36,22 +40,27 @@ _CLOSED_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN
 # most of the cost of one passed handle). So a read asks for SMALL_READ
 # unless the previous read filled its buffer, the sign of a bulk transfer.
 SMALL_READ = 64 * 1024
+_SOL_SOCKET = socket.SOL_SOCKET
+_SCM_RIGHTS = getattr(socket, "SCM_RIGHTS", -1)
+
+
+def _translated(name: str, exc: OSError) -> Exception:
+    # One place turns OS errors into the ipcbus hierarchy; the caller raises
+    # the result ``from exc``, keeping the OSError as __cause__ (the
+    # trio/httpcore pattern).
+    if isinstance(exc, (BrokenPipeError, ConnectionResetError)) or exc.errno in _CLOSED_ERRNOS:
+        return ChannelClosed(f"{name}: peer closed the connection ({exc.strerror})")
+    if exc.errno == errno.EBADF:
+        return ChannelClosed(f"{name}: the stream is closed")
+    return TransportError(f"{name}: {exc}")
 
 
 @contextmanager
 def _translate(name: str) -> Iterator[None]:
-    # One place turns OS errors into the ipcbus hierarchy, keeping the
-    # OSError as __cause__ (the trio/httpcore pattern).
     try:
         yield
-    except (BrokenPipeError, ConnectionResetError) as exc:
-        raise ChannelClosed(f"{name}: peer closed the connection ({exc.strerror})") from exc
     except OSError as exc:
-        if exc.errno in _CLOSED_ERRNOS:
-            raise ChannelClosed(f"{name}: peer closed the connection ({exc.strerror})") from exc
-        if exc.errno == errno.EBADF:
-            raise ChannelClosed(f"{name}: the stream is closed") from exc
-        raise TransportError(f"{name}: {exc}") from exc
+        raise _translated(name, exc) from exc
 
 
 def _close_fds(fds: list[int]) -> None:
@@ -68,11 +77,11 @@ def recv_with_fds(sock: socket.socket, max_bytes: int, name: str) -> tuple[bytes
     data, ancdata, flags, _ = sock.recvmsg(max_bytes, _ANC_SPACE, _RECV_FLAGS)
     fds: list[int] = []
     for level, ctype, cdata in ancdata:
-        if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
+        if level == _SOL_SOCKET and ctype == _SCM_RIGHTS:
             arr = array.array("i")
             arr.frombytes(cdata[: len(cdata) - (len(cdata) % arr.itemsize)])
             fds.extend(arr)
-    if flags & getattr(socket, "MSG_CTRUNC", 0):
+    if flags & _CTRUNC:
         _close_fds(fds)
         raise HandleError(f"{name}: control data truncated (MSG_CTRUNC); fds were lost")
     if fds and not _RECV_FLAGS:
@@ -120,26 +129,30 @@ class SocketStream(Stream):
         return self._fd
 
     def send(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = (), *, block: bool = True) -> int:
-        flags = _SEND_FLAGS if block else _SEND_FLAGS | _DONTWAIT
-        with _translate(self.transport_name):
-            try:
-                if fds:
-                    return self._sock.sendmsg([data], _ancillary(fds), flags)
-                return self._sock.send(data, flags)
-            except BlockingIOError:
-                if block:
-                    raise
-                return 0
+        # try/except rather than the _translate context manager: this is the
+        # hot path of every write.
+        try:
+            if fds:
+                return self._sock.sendmsg([data], _ancillary(fds), _SEND_FLAGS if block else _SEND_NOWAIT)
+            return self._sock.send(data, _SEND_FLAGS if block else _SEND_NOWAIT)
+        except BlockingIOError:
+            if block:
+                raise
+            return 0
+        except OSError as exc:
+            raise _translated(self.transport_name, exc) from exc
 
     def receive(self, max_bytes: int, max_fds: int, timeout: float | None = None) -> tuple[bytes, list[int]]:
         if timeout is not None and not self._wait_readable(timeout):
             raise TimeoutError(f"{self.transport_name}: no data within {timeout} s")
         size = max_bytes if self._big_read else min(max_bytes, SMALL_READ)
-        with _translate(self.transport_name):
+        try:
             if self.can_send_handles:
                 data, fds = recv_with_fds(self._sock, size, self.transport_name)
             else:
                 data, fds = self._sock.recv(size), []
+        except OSError as exc:
+            raise _translated(self.transport_name, exc) from exc
         self._big_read = len(data) >= size
         return data, fds
 
