@@ -10,6 +10,7 @@ a burst that the sender left buffered.
 from __future__ import annotations
 
 import logging
+import os
 import select
 import sys
 import threading
@@ -19,7 +20,14 @@ from types import TracebackType
 from typing import Any
 
 from . import _flusher, _heartbeat
-from ._errors import ChannelClosed, HandshakeError, HandshakeTimeout, HeartbeatTimeout, IPCError
+from ._errors import (
+    ChannelClosed,
+    HandleError,
+    HandshakeError,
+    HandshakeTimeout,
+    HeartbeatTimeout,
+    IPCError,
+)
 from ._frontend import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     RECV_SIZE,
@@ -31,6 +39,7 @@ from ._frontend import (
     make_core,
     split_options,
 )
+from ._handles import close_fds
 from ._message import Message
 from ._protocol import (
     NEED_DATA,
@@ -60,8 +69,12 @@ LONE_SEND_GAP = 0.000025
 # Write at once when this much is buffered, whatever the timing.
 FLUSH_AT = 64 * 1024
 # A sender that only sends reads the peer's handle acknowledgements after
-# every this many handle messages (and after each keep_open=False one).
+# every this many handle messages written one per write (after about 16 times
+# that many when they are batched), and after each keep_open=False one.
 ACK_PUMP_EVERY = 16
+# A burst of handle messages is written once this many fds are queued
+# (one sendmsg carries at most SCM_MAX_FD).
+HANDLE_FLUSH_AT = 64
 # Acknowledgements are left for the flusher thread (coalesced) until this
 # many bytes of them are queued.
 ACK_WRITE_AT = 4096
@@ -110,6 +123,11 @@ class Channel(FrontendState):
         # Set when a write found the peer gone: sending is over, but what the
         # peer sent before it went is still read (then EOF).
         self._write_error: IPCError | None = None
+        # The native core on POSIX sends duplicates of the caller's fds,
+        # owned (and closed once written) by the channel: a handle message
+        # may then wait in the buffer, so that a burst of them shares one
+        # sendmsg. Node's protocol and Windows pipes send the caller's own.
+        self._owns_fds = type(core) is Connection and sys.platform != "win32"
         self._init_frontend()
         try:
             self.flush()  # the hello goes out now, so the peer can check it early
@@ -137,35 +155,9 @@ class Channel(FrontendState):
     # --------------------------------------------------------------- properties
 
     @property
-    def codec(self) -> Codec:
-        """The codec both ends agreed on."""
-        return self._core.codec
-
-    @property
     def closed(self) -> bool:
         """True once :meth:`close` was called or the channel failed."""
         return self._closed
-
-    @property
-    def transport(self) -> str:
-        """The name of the transport (``"unix"``, ``"socketpair"``...)."""
-        return self._name
-
-    @property
-    def can_send_handles(self) -> bool:
-        """Whether ``send(..., handle=...)`` can work on this channel."""
-        return self._core.handles_allowed
-
-    @property
-    def peer_pid(self) -> int | None:
-        """The peer's pid from its hello (None until the hello has arrived)."""
-        peer = self._core.peer
-        return peer.peer_pid if peer else None
-
-    @property
-    def authenticated(self) -> bool:
-        """True when both ends proved knowledge of the shared key."""
-        return bool(self._core.peer and self._core.peer.authenticated and self._core.established)
 
     @property
     def stream(self) -> Stream:
@@ -226,6 +218,9 @@ class Channel(FrontendState):
                 self.flush()
             return
         described, multi, release = self._prepare_handles(handle, handles, keep_open)
+        if self._owns_fds:
+            self._send_owned(data, described, multi, release)
+            return
         with self._lock:
             self._core.send(data, described, multi=multi, release=release)
         self.flush()
@@ -234,6 +229,50 @@ class Channel(FrontendState):
             self._pump_acks()
         if getattr(self._core, "awaiting_ack", False):
             self._wait_handle_answer()
+
+    def _send_owned(self, data: Any, described: list[tuple[bytes, int]], multi: bool, release: Any) -> None:
+        # The caller may close its copies as soon as send returns, so the
+        # queued message carries duplicates; _write_out closes them once
+        # they are written, _teardown if they never are.
+        dups: list[tuple[bytes, int]] = []
+        try:
+            for desc, fd in described:
+                dups.append((desc, os.dup(fd)))
+        except OSError as exc:
+            close_fds([fd for _, fd in dups])
+            raise HandleError(f"cannot send fd {described[len(dups)][1]}: {exc.strerror}") from exc
+        core = self._core
+        self._lock_acquire()
+        try:
+            before = core.output_size
+            core.send(data, dups, multi=multi, release=release)
+            queued_fds = core.queued_fds
+        except BaseException:
+            close_fds([fd for _, fd in dups])  # the core refused the message: not queued
+            raise
+        finally:
+            self._lock_release()
+        if (
+            (before == 0 and _monotonic() - self._last_write >= LONE_SEND_GAP)
+            or queued_fds >= HANDLE_FLUSH_AT
+            or before >= FLUSH_AT
+        ):
+            self.flush()  # a lone handle message goes out now, a burst in runs
+            # A write draws about one acknowledgement, however many
+            # messages it carried: weigh writes, not messages.
+            self._handle_sends += ACK_PUMP_EVERY
+        else:
+            self._handle_sends += 1
+            if not self._scheduled:
+                self._scheduled = True
+                _flusher.schedule(self)
+        if release is not None or self._handle_sends >= ACK_PUMP_EVERY * ACK_PUMP_EVERY:
+            self._handle_sends = 0
+            self._pump_acks()
+
+    def _close_owned(self, fds: list[int]) -> None:
+        if fds and self._owns_fds:
+            close_fds(fds)
 
     def _wait_handle_answer(self) -> None:
         # Node's protocol holds every later message until the peer answers a
@@ -325,9 +364,11 @@ class Channel(FrontendState):
                 try:
                     n = stream.send(view, fds, block=not waiting)
                 except ChannelClosed as exc:
+                    self._close_owned(fds)
                     self._sending_failed(exc)
                     raise
                 except IPCError as exc:
+                    self._close_owned(fds)
                     self._fail(exc)
                     raise
                 if n == 0:
@@ -340,8 +381,13 @@ class Channel(FrontendState):
                         raise TimeoutError(f"{self._name}: peer did not read within the timeout")
                     # We keep writing this view ourselves: a stale _partial
                     # would be written a second time once it is done.
+                    if self._partial is None:
+                        # Torn down meanwhile (its fds closed with it).
+                        raise ChannelClosed(f"{self._name}: the channel was closed")
                     self._partial = None
                     continue
+                if fds:
+                    self._close_owned(fds)  # they rode on this write
                 fds = []
                 view = view[n:]
                 self._last_write = _monotonic()
@@ -353,9 +399,16 @@ class Channel(FrontendState):
         self._write_error = exc
         with self._lock:
             self._core.close_sending()
-            while self._core.take_output() is not None:
-                pass
-        self._partial = None
+            self._drop_output()
+
+    def _drop_output(self) -> None:
+        # Called with _lock held: nothing queued will be written; close the
+        # duplicated fds it carries.
+        while (seg := self._core.take_output()) is not None:
+            self._close_owned(seg[1])
+        partial, self._partial = self._partial, None
+        if partial is not None:
+            self._close_owned(partial[1])
 
     def _background_flush(self) -> bool:
         self._scheduled = False
@@ -422,6 +475,8 @@ class Channel(FrontendState):
             else:
                 if type(ev) is Message:
                     return ev
+                if type(ev) is RawMessage:
+                    return self._handle_event(ev)  # ours now: restore without the locks
                 events.appendleft(ev)
         deadline = None if timeout is None else _monotonic() + timeout
         core = self._core
@@ -615,8 +670,7 @@ class Channel(FrontendState):
         finally:
             with self._lock:
                 self._discard_pending()
-                if self._partial is not None:
-                    self._partial = None
+                self._drop_output()
 
     def close(self, timeout: float | None = None) -> None:
         """Flush what was sent, then close. Idempotent.

@@ -191,6 +191,32 @@ class FrontendState:
     _core: Connection
     _name: str
 
+    @property
+    def codec(self) -> Codec:
+        """The codec both ends agreed on."""
+        return self._core.codec
+
+    @property
+    def transport(self) -> str:
+        """The name of the transport (``"unix"``, ``"socketpair"``...)."""
+        return self._name
+
+    @property
+    def can_send_handles(self) -> bool:
+        """Whether ``send(..., handle=...)`` can work on this channel."""
+        return self._core.handles_allowed
+
+    @property
+    def peer_pid(self) -> int | None:
+        """The peer's pid from its hello (None until the hello has arrived)."""
+        peer = self._core.peer
+        return peer.peer_pid if peer else None
+
+    @property
+    def authenticated(self) -> bool:
+        """True when both ends proved knowledge of the shared key."""
+        return bool(self._core.peer and self._core.peer.authenticated and self._core.established)
+
     def _init_frontend(self) -> None:
         self._callbacks: dict[str, InternalCallback] = {}
         # Windows pipes send handles into the peer's process: they take its

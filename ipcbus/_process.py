@@ -399,33 +399,20 @@ def wait_any(children: Iterable[ChildProcess], timeout: float | None = None) -> 
 # --------------------------------------------------------------- ChildProcess
 
 
-class ChildProcess:
-    """A child process started by :func:`fork` or :func:`spawn`.
+class ChildBase:
+    """What a child looks like from both frontends: its pid, its channel and
+    how it ended. ``_proc`` is a ``subprocess.Popen`` or a ``trio.Process``
+    (both have ``poll``, ``send_signal``, ``terminate`` and ``kill``)."""
 
-    ``channel`` is the :class:`Channel` to the child (None without
-    ``ipc=True``). Closing the channel and the process ending are separate
-    events: ``channel.recv()`` raising ChannelClosed (or a ``for`` loop over
-    the channel ending) says only that the channel is gone, because the child
-    closed it or because it exited. ``poll()`` / ``returncode`` /
-    ``wait(timeout)`` say whether the process has exited, and how:
-    ``exit_code`` for a normal exit, ``signal`` for a death by signal
-    (``returncode`` is then ``-signal``, as in :mod:`subprocess`).
-
-    Used as a context manager, the child leaves neither a zombie nor an
-    orphan: on exit the channel (and stdin) are closed, the child gets
-    ``grace`` seconds to leave, then SIGTERM, ``grace`` more seconds, then
-    SIGKILL, and it is reaped.
-    """
-
-    def __init__(self, popen: subprocess.Popen[bytes], channel: Any, args: Sequence[str]) -> None:
-        self._popen = popen
+    def __init__(self, proc: Any, channel: Any, args: Sequence[str]) -> None:
+        self._proc = proc
         self._channel = channel
         self.args = list(args)
 
     @property
     def pid(self) -> int:
         """The child's process id."""
-        return self._popen.pid
+        return self._proc.pid
 
     @property
     def channel(self) -> Any:
@@ -433,25 +420,10 @@ class ChildProcess:
         return self._channel
 
     @property
-    def stdin(self) -> IO[bytes] | None:
-        """The child's stdin when started with ``stdin=subprocess.PIPE``."""
-        return self._popen.stdin
-
-    @property
-    def stdout(self) -> IO[bytes] | None:
-        """The child's stdout when started with ``stdout=subprocess.PIPE``."""
-        return self._popen.stdout
-
-    @property
-    def stderr(self) -> IO[bytes] | None:
-        """The child's stderr when started with ``stderr=subprocess.PIPE``."""
-        return self._popen.stderr
-
-    @property
     def returncode(self) -> int | None:
         """None while the child runs; then its exit code, or ``-N`` if signal
         N killed it. Reading it reaps an exited child (like ``poll()``)."""
-        return self._popen.poll()
+        return self._proc.poll()
 
     @property
     def exit_code(self) -> int | None:
@@ -470,8 +442,58 @@ class ChildProcess:
         return self._channel is not None and not self._channel.closed
 
     def poll(self) -> int | None:
-        """``returncode`` without blocking (reaps the child if it exited)."""
-        return self._popen.poll()
+        """``returncode`` without waiting (reaps the child if it exited)."""
+        return self._proc.poll()
+
+    def send_signal(self, sig: int) -> None:
+        """Send signal ``sig`` to the child (nothing once it was reaped)."""
+        self._proc.send_signal(sig)
+
+    def terminate(self) -> None:
+        """Send SIGTERM."""
+        self._proc.terminate()
+
+    def kill(self) -> None:
+        """Send SIGKILL."""
+        self._proc.kill()
+
+
+class ChildProcess(ChildBase):
+    """A child process started by :func:`fork` or :func:`spawn`.
+
+    ``channel`` is the :class:`Channel` to the child (None without
+    ``ipc=True``). Closing the channel and the process ending are separate
+    events: ``channel.recv()`` raising ChannelClosed (or a ``for`` loop over
+    the channel ending) says only that the channel is gone, because the child
+    closed it or because it exited. ``poll()`` / ``returncode`` /
+    ``wait(timeout)`` say whether the process has exited, and how:
+    ``exit_code`` for a normal exit, ``signal`` for a death by signal
+    (``returncode`` is then ``-signal``, as in :mod:`subprocess`).
+
+    Used as a context manager, the child leaves neither a zombie nor an
+    orphan: on exit the channel (and stdin) are closed, the child gets
+    ``grace`` seconds to leave, then SIGTERM, ``grace`` more seconds, then
+    SIGKILL, and it is reaped.
+    """
+
+    def __init__(self, popen: subprocess.Popen[bytes], channel: Any, args: Sequence[str]) -> None:
+        super().__init__(popen, channel, args)
+        self._popen = popen
+
+    @property
+    def stdin(self) -> IO[bytes] | None:
+        """The child's stdin when started with ``stdin=subprocess.PIPE``."""
+        return self._popen.stdin
+
+    @property
+    def stdout(self) -> IO[bytes] | None:
+        """The child's stdout when started with ``stdout=subprocess.PIPE``."""
+        return self._popen.stdout
+
+    @property
+    def stderr(self) -> IO[bytes] | None:
+        """The child's stderr when started with ``stderr=subprocess.PIPE``."""
+        return self._popen.stderr
 
     def wait(self, timeout: float | None = None) -> int:
         """Wait for the child to exit and return ``returncode``.
@@ -483,18 +505,6 @@ class ChildProcess:
         if not wait_children([self], timeout):
             raise TimeoutError(f"child {self.pid} still running after {timeout} s")
         return self._popen.wait()
-
-    def send_signal(self, sig: int) -> None:
-        """Send signal ``sig`` to the child (nothing once it was reaped)."""
-        self._popen.send_signal(sig)
-
-    def terminate(self) -> None:
-        """Send SIGTERM."""
-        self._popen.terminate()
-
-    def kill(self) -> None:
-        """Send SIGKILL."""
-        self._popen.kill()
 
     def disconnect(self) -> None:
         """Close the channel: the child's ``recv`` raises ChannelClosed (its

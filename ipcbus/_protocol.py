@@ -221,12 +221,15 @@ class Connection:
         self._eof = False
         self._peer_hello: tuple[int, bytes] | None = None
         self._acks_due = 0
+        self._run_end = -2  # chunk end of the fds the last handle frame claimed
 
         # sending
         self._out: deque[list[Any]] = deque()  # [bytearray, fds]
         self._held: deque[list[Any]] | None = deque() if authkey is not None else None
         self._out_size = 0
         self._unacked: deque[Any] = deque()  # one release token (or None) per handle frame
+        self._hrun: list[Any] | None = None  # [segment, its length after the last handle frame]
+        self.queued_fds = 0  # fds in segments not yet taken by take_output
         self._closed_for_sending = False
         self._batch: list[Any] | None = None  # [segment buffer, header offset, length, more than one]
         self._batch_limit = BATCH_TARGET if getattr(codec, "decode_batch", None) else 0
@@ -386,8 +389,28 @@ class Connection:
             frame += descs
             frame += payload
             # A handle frame starts its own segment, so that its fds ride
-            # on the sendmsg that carries its first byte (PROTOCOL.md §4).
-            out.append([frame, [fd for _, fd in handles]])
+            # on the sendmsg that carries its first byte; handle frames
+            # queued right behind it (nothing else in between, segment not
+            # yet taken) join that segment and its fds: a run of handle
+            # frames then costs the receiver one recvmsg (PROTOCOL.md §4.1).
+            run = self._hrun
+            seg = out[-1] if out else None
+            if (
+                run is not None
+                and seg is run[0]
+                and len(seg[0]) == run[1]
+                and len(seg[1]) + n <= SCM_MAX_FD
+                and run[1] < SEGMENT_TARGET
+            ):
+                seg[0] += frame
+                seg[1].extend(fd for _, fd in handles)
+                run[1] = len(seg[0])
+            else:
+                seg = [frame, [fd for _, fd in handles]]
+                out.append(seg)
+                self._hrun = [seg, len(frame)]
+            if out is self._out:
+                self.queued_fds += n
             self._unacked.append(release)
         else:
             header = FRAME.pack(length, ftype, 0, 0)
@@ -425,6 +448,8 @@ class Connection:
         self._close_batch()
         seg = self._out.popleft()
         self._out_size -= len(seg[0])
+        if seg[1]:
+            self.queued_fds -= len(seg[1])
         return seg[0], seg[1]
 
     @property
@@ -567,8 +592,12 @@ class Connection:
             self._check_unclaimed()
 
     def _check_fd_offsets(self, frame_start: int) -> None:
-        # An fd rides with the first byte of its frame, so an fd whose chunk
-        # ended at or before this frame's start was claimed by no frame.
+        # Called for a frame without handles while fds are queued. An fd
+        # rides with the first byte of its frame (or of the run of handle
+        # frames it belongs to), so an fd whose chunk ended at or before
+        # this frame's start was claimed by no frame. This frame also ends
+        # any run of handle frames.
+        self._run_end = -2
         if self._fds[0][1] <= frame_start:
             stray = [fd for fd, end in self._fds if end <= frame_start]
             raise HandleError(f"{len(stray)} fd(s) arrived with no frame claiming them")
@@ -578,7 +607,9 @@ class Connection:
             return
         if self._eof:
             raise HandleError(f"{len(self._fds)} fd(s) arrived with no frame claiming them")
-        if not self._buf:
+        if not self._buf and self._fds[0][1] != self._run_end:
+            # (Fds left from a run of handle frames wait for the rest of the
+            # run: the kernel may have split its sendmsg between frames.)
             self._check_fd_offsets(self._consumed)
 
     def _parse_other(
@@ -653,12 +684,20 @@ class Connection:
             append(new(Message, (value, None)))
 
     def _claim(self, n: int, frame_start: int) -> list[int]:
-        self._check_fd_offsets(frame_start)
-        if len(self._fds) < n:
+        # The frame must start inside the chunk its first fd came with, or
+        # continue the run of handle frames that claimed that chunk's fds
+        # before it (PROTOCOL.md §4.1).
+        fds = self._fds
+        if fds and fds[0][1] <= frame_start and fds[0][1] != self._run_end:
+            self._check_fd_offsets(frame_start)
+        if len(fds) < n:
             raise HandleError(
-                f"frame declares {n} handle(s) but {len(self._fds)} fd(s) arrived with it"
+                f"frame declares {n} handle(s) but {len(fds)} fd(s) arrived with it"
             )
-        return [self._fds.popleft()[0] for _ in range(n)]
+        popleft = fds.popleft
+        claimed = [popleft() for _ in range(n)]
+        self._run_end = claimed[-1][1]
+        return [fd for fd, _ in claimed]
 
     def _internal(self, value: dict[str, Any], handles: list[tuple[bytes, int]], multi: bool) -> Any:
         cmd = value["cmd"]
@@ -795,6 +834,7 @@ class Connection:
             for seg in self._held:
                 self._out.append(seg)
                 self._out_size += len(seg[0])
+                self.queued_fds += len(seg[1])
             self._held = None
         self._events.append(peer)
 

@@ -31,12 +31,12 @@ from ._errors import ExecTimeout
 from ._process import (
     _DRAIN_AFTER_KILL,
     DEFAULT_GRACE,
+    ChildBase,
     ExecResult,
     Redirect,
     StrPath,
     _argv,
     _codec_name,
-    _returncode_signal,
     _scrubbed_env,
     _take_parent,
     get_channel_protocol,
@@ -69,7 +69,7 @@ def parent(**options: Any) -> Any:
     return _take_parent("trio", options)
 
 
-class AsyncChildProcess:
+class AsyncChildProcess(ChildBase):
     """A child process started by ``ipcbus.trio.fork`` / ``spawn``.
 
     ``channel`` is an ``AsyncChannel`` to the child (None without
@@ -85,19 +85,8 @@ class AsyncChildProcess:
     """
 
     def __init__(self, process: trio.Process, channel: Any, args: Sequence[str]) -> None:
+        super().__init__(process, channel, args)
         self._process = process
-        self._channel = channel
-        self.args = list(args)
-
-    @property
-    def pid(self) -> int:
-        """The child's process id."""
-        return self._process.pid
-
-    @property
-    def channel(self) -> Any:
-        """The channel to the child, or None if it was started without one."""
-        return self._channel
 
     @property
     def stdin(self) -> trio.abc.SendStream | None:
@@ -114,48 +103,10 @@ class AsyncChildProcess:
         """The child's stderr (a trio stream) when started with ``stderr=PIPE``."""
         return self._process.stderr
 
-    @property
-    def returncode(self) -> int | None:
-        """None while the child runs; then its exit code, or ``-N`` if signal
-        N killed it. Reading it reaps an exited child."""
-        return self._process.poll()
-
-    @property
-    def exit_code(self) -> int | None:
-        """The exit status if the child exited normally, else None."""
-        rc = self.returncode
-        return rc if rc is not None and rc >= 0 else None
-
-    @property
-    def signal(self) -> _signal.Signals | None:
-        """The signal that killed the child, else None."""
-        return _returncode_signal(self.returncode)
-
-    @property
-    def connected(self) -> bool:
-        """True while the parent's end of the channel is open."""
-        return self._channel is not None and not self._channel.closed
-
-    def poll(self) -> int | None:
-        """``returncode`` without waiting."""
-        return self._process.poll()
-
     async def wait(self) -> int:
         """Wait for the child to exit; return ``returncode``. Bound it with
         ``trio.move_on_after`` / ``fail_after``."""
         return await self._process.wait()
-
-    def send_signal(self, sig: int) -> None:
-        """Send signal ``sig`` to the child (nothing once it was reaped)."""
-        self._process.send_signal(sig)
-
-    def terminate(self) -> None:
-        """Send SIGTERM."""
-        self._process.terminate()
-
-    def kill(self) -> None:
-        """Send SIGKILL."""
-        self._process.kill()
 
     async def disconnect(self) -> None:
         """Close the channel (after flushing it): the child's ``recv`` raises

@@ -99,7 +99,7 @@ def _run_listener(url: str, codec: str) -> None:
             _finish(proc)
 
 
-@pytest.mark.posix
+@pytest.mark.posix("os.fork, fd:// pass_fds and unix:// sockets")
 @pytest.mark.parametrize("codec", CODECS)
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_100k_messages_in_order(transport: str, codec: str, tmp_path: Path) -> None:
@@ -159,6 +159,7 @@ def test_claimed_prefix_goes_to_callback_in_order(codec: str) -> None:
     ]
 
 
+@pytest.mark.posix("os.fork")
 def test_internal_callbacks_across_processes_with_a_thread_reader() -> None:
     # Same routing when the messages cross a real process boundary in a burst.
     a, b = ipcbus.pair()

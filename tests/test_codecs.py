@@ -4,7 +4,9 @@ codec agreement in the handshake."""
 from __future__ import annotations
 
 import math
+import sys
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,14 @@ JSON_SAMPLES: list[Any] = [
 ]
 PICKLE_SAMPLES: list[Any] = [*MSGPACK_SAMPLES, (1, 2), {1, 2}, frozenset({"a"}), complex(1, 2), range(3), math.nan]
 RAW_SAMPLES: list[Any] = [b"", b"\x00", b"x" * 100_000]
+
+
+def _local_url(tmp_path: Path, name: str) -> str:
+    """A listener address on this machine: a Unix socket, or on Windows a
+    named pipe (the trust and agreement rules are the same on both)."""
+    if sys.platform == "win32":
+        return f"pipe://ipcbus-test-{uuid.uuid4().hex}"
+    return f"unix://{tmp_path}/{name}"
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -147,12 +157,12 @@ def test_pickle_decode_error_is_a_codec_error() -> None:
 
 def test_pickle_refused_on_listen_without_a_key(tmp_path: Path) -> None:
     with pytest.raises(ipcbus.CodecError, match="pickle"):
-        ipcbus.listen(f"unix://{tmp_path}/p.sock", codec="pickle")
+        ipcbus.listen(_local_url(tmp_path, "p.sock"), codec="pickle")
     assert not (tmp_path / "p.sock").exists()  # nothing left listening
 
 
 def test_pickle_refused_on_connect_without_a_key(tmp_path: Path) -> None:
-    with ipcbus.listen(f"unix://{tmp_path}/p.sock") as listener:
+    with ipcbus.listen(_local_url(tmp_path, "p.sock")) as listener:
         with pytest.raises(ipcbus.CodecError, match="pickle"):
             ipcbus.connect(listener.address, codec="pickle")
         # The refused client's socket was closed: the server sees it leave.
@@ -161,7 +171,7 @@ def test_pickle_refused_on_connect_without_a_key(tmp_path: Path) -> None:
 
 
 def test_pickle_allowed_with_a_key_on_listen_and_connect(tmp_path: Path) -> None:
-    with ipcbus.listen(f"unix://{tmp_path}/p.sock", codec="pickle", authkey=b"secret") as listener:
+    with ipcbus.listen(_local_url(tmp_path, "p.sock"), codec="pickle", authkey=b"secret") as listener:
         box: list[Any] = []
 
         def client() -> None:
@@ -198,7 +208,7 @@ def test_codec_mismatch_is_a_handshake_error_naming_both(tmp_path: Path) -> None
         except ipcbus.IPCError as exc:
             errors.append(exc)
 
-    with ipcbus.listen(f"unix://{tmp_path}/m.sock", codec="msgpack") as listener:
+    with ipcbus.listen(_local_url(tmp_path, "m.sock"), codec="msgpack") as listener:
         t = threading.Thread(target=client, args=(listener.address,))
         t.start()
         with listener.accept(timeout=10) as ch, pytest.raises(ipcbus.HandshakeError) as server_err:

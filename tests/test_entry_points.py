@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,13 @@ PLUGIN = '''
 """A tiny ipcbus plugin: a rot13 codec and a myunix:// transport."""
 import codecs as _codecs
 import json
+import sys
 
-from ipcbus.transports import UnixTransport
+# A local transport on every platform: Unix sockets, or named pipes on Windows.
+if sys.platform == "win32":
+    from ipcbus.transports import PipeTransport as UnixTransport
+else:
+    from ipcbus.transports import UnixTransport
 
 CALLS = []
 
@@ -59,6 +65,9 @@ broken-transport = ipcbus_rot13_plugin:DoesNotExist
 
 SCRIPT = '''
 import sys, threading
+# The embeddable Windows Python ignores PYTHONPATH: the distribution's folder
+# goes on sys.path here too (before ipcbus reads any entry point).
+sys.path.insert(0, sys.argv[2])
 import ipcbus
 from ipcbus.codecs import available_codecs, get_codec
 from ipcbus.transports import available_transports
@@ -115,9 +124,11 @@ def test_plugin_codec_and_transport_from_entry_points(tmp_path: Path) -> None:
     site = tmp_path / "site"
     site.mkdir()
     _make_distribution(site)
+    # A pipe name on Windows (no backslashes there), else a socket path.
+    address = f"ipcbus-test-{uuid.uuid4().hex}" if sys.platform == "win32" else str(tmp_path / "plugin.sock")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path / "plugin.sock")],
+        [sys.executable, "-c", SCRIPT, address, str(site)],
         env=env, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 0, proc.stderr

@@ -422,6 +422,7 @@ class PipeStream(_PeerPid, Stream):
         self._reader = RecordReader()
         self._rov: Any = None  # a read left pending by a timeout
         self._wov: Any = None  # a write left pending by block=False
+        self._wdata: bytes | None = None  # its data bytes (without the records' framing)
         self._eof = False
         self._closed = False
         self._close_lock = threading.Lock()
@@ -436,22 +437,35 @@ class PipeStream(_PeerPid, Stream):
         return res == WAIT_OBJECT_0
 
     def send(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = (), *, block: bool = True) -> int:
+        # A pipe has no non-blocking write: a WriteFile that does not fit the
+        # pipe's buffer goes pending, and cancelling it is no way back (the
+        # reader may be consuming it). So a non-blocking send whose write goes
+        # pending leaves it pending and reports 0 bytes sent, as a full socket
+        # would; the caller, told nothing went out, sends the same bytes again
+        # (once wait_writable says so), and that send returns the pending
+        # write's count instead of writing them twice.
         if self._closed:
             raise ChannelClosed("pipe: send on a closed stream")
         if not data:
             return 0
-        if self._wov is not None and not self._finish_write(block):
-            return 0
+        if self._wov is not None:
+            pending = self._wdata
+            if pending is None or bytes(data[: len(pending)]) != pending:
+                print("DBG mismatch", len(data), None if pending is None else len(pending), bytes(data[:20]), pending[:20], file=sys.stderr)
+                raise TransportError("pipe: a send after a pending write must start with that write's bytes")
+            if not self._finish_write(block):
+                return 0
+            return len(pending)
         buf = build_records(data, fds, self.peer_pid if fds else None)
         try:
             ov, err = self._winapi.WriteFile(self._h, buf, overlapped=True)
         except OSError as exc:
             raise _translate(exc, "write") from exc
         self._wov = ov
-        if err != ERROR_IO_PENDING or block:
-            self._finish_write(True)
-        # else the kernel owns the write: as good as sent; the next send,
-        # wait_writable or close finishes it.
+        if err == ERROR_IO_PENDING and not block:
+            self._wdata = bytes(data)
+            return 0
+        self._finish_write(True)
         return len(data)
 
     def _finish_write(self, block: bool) -> bool:
@@ -460,7 +474,7 @@ class PipeStream(_PeerPid, Stream):
             return False
         while not self._wait(ov.event, None if block else 0):
             pass
-        self._wov = None
+        self._wov = self._wdata = None
         try:
             _, err = ov.GetOverlappedResult(True)
         except OSError as exc:
@@ -542,6 +556,20 @@ class PipeStream(_PeerPid, Stream):
             self.close()
 
 
+def _connect_instance(h: int, path: str) -> Any:
+    """Start ConnectNamedPipe on a waiting instance: its overlapped object,
+    or None when a client connected and closed its end before we asked
+    (ERROR_NO_DATA; a socket listener would hand out a connection at EOF)."""
+    import _winapi
+
+    try:
+        return _winapi.ConnectNamedPipe(h, overlapped=True)
+    except OSError as exc:
+        if _winerror(exc) == ERROR_NO_DATA:
+            return None
+        raise TransportError(f"pipe: accepting on {path} failed: {exc}") from exc
+
+
 class PipeListener(Listener):
     """A named pipe's server side: one waiting instance at a time, at most
     ``max_instances`` in all."""
@@ -593,7 +621,10 @@ class PipeListener(Listener):
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             h = self._instance(deadline)
-            ov = winapi.ConnectNamedPipe(h, overlapped=True)
+            ov = _connect_instance(h, self._path)
+            if ov is None:  # the client came and left already: its stream reads EOF
+                self._next = None
+                return PipeStream(h, name="pipe", server_end=True)
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             ms = INFINITE if left is None else int(left * 1000)
             res = winapi.WaitForSingleObject(ov.event, ms)
@@ -738,7 +769,10 @@ class AsyncPipeListener(AsyncListener):
                 break
             except TimeoutError:
                 await trio.sleep(0.05)
-        ov = _winapi.ConnectNamedPipe(h, overlapped=True)
+        ov = _connect_instance(h, sync._path)
+        if ov is None:  # the client came and left already: its stream reads EOF
+            sync._next = None
+            return AsyncPipeStream(h, name="pipe", server_end=True)
         try:
             await trio.lowlevel.WaitForSingleObject(ov.event)
         except BaseException:

@@ -32,6 +32,7 @@ _RECV_FLAGS = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
 _SEND_FLAGS = int(getattr(socket, "MSG_NOSIGNAL", 0))
 _DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0))
 _SEND_NOWAIT = _SEND_FLAGS | _DONTWAIT
+_WINDOWS = sys.platform == "win32"
 _CTRUNC = int(getattr(socket, "MSG_CTRUNC", 0))
 _CLOSED_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN}
 # recv of a large max_bytes allocates that much for every call: past glibc's
@@ -113,7 +114,10 @@ class SocketStream(Stream):
     """A blocking stream over a connected stream socket that this object owns."""
 
     def __init__(self, sock: socket.socket, *, name: str, trusted: bool = False) -> None:
-        sock.setblocking(True)
+        # Windows has no MSG_DONTWAIT, and a blocking send() there waits
+        # until it has taken every byte: the socket stays non-blocking and
+        # the blocking calls wait with select() (_win_send, _win_recv).
+        sock.setblocking(sys.platform != "win32")
         self._sock = sock
         self.transport_name = name
         self.trusted = trusted
@@ -131,6 +135,8 @@ class SocketStream(Stream):
     def send(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = (), *, block: bool = True) -> int:
         # try/except rather than the _translate context manager: this is the
         # hot path of every write.
+        if _WINDOWS:  # pragma: no cover - Windows
+            return self._win_send(data, block)
         try:
             if fds:
                 return self._sock.sendmsg([data], _ancillary(fds), _SEND_FLAGS if block else _SEND_NOWAIT)
@@ -149,12 +155,32 @@ class SocketStream(Stream):
         try:
             if self.can_send_handles:
                 data, fds = recv_with_fds(self._sock, size, self.transport_name)
+            elif _WINDOWS:  # pragma: no cover - Windows
+                data, fds = self._win_recv(size), []
             else:
                 data, fds = self._sock.recv(size), []
         except OSError as exc:
             raise _translated(self.transport_name, exc) from exc
         self._big_read = len(data) >= size
         return data, fds
+
+    def _win_send(self, data: bytes | bytearray | memoryview, block: bool) -> int:  # pragma: no cover - Windows
+        while True:
+            try:
+                return self._sock.send(data)
+            except BlockingIOError:
+                if not block:
+                    return 0
+            except OSError as exc:
+                raise _translated(self.transport_name, exc) from exc
+            self._wait(None, write=True)
+
+    def _win_recv(self, size: int) -> bytes:  # pragma: no cover - Windows
+        while True:
+            try:
+                return self._sock.recv(size)
+            except BlockingIOError:
+                self._wait(None, write=False)
 
     def _wait_readable(self, timeout: float) -> bool:
         return self._wait(timeout, write=False)

@@ -116,15 +116,51 @@ def _nodelay(sock: socket.socket) -> None:
         pass
 
 
+_HAVE_POLL = hasattr(select, "poll")
+# poll()'s event bits (the same on every platform that has poll; Windows has not).
+_POLLIN = getattr(select, "POLLIN", 0x001)
+_POLLOUT = getattr(select, "POLLOUT", 0x004)
+_POLLERR = getattr(select, "POLLERR", 0x008)
+_POLLHUP = getattr(select, "POLLHUP", 0x010)
+
+
 def _poll(fd: int, events: int, deadline: float | None) -> bool:
     """Wait for ``events`` on ``fd`` until ``deadline`` (monotonic); False
     if it passed first."""
     timeout = None if deadline is None else deadline - time.monotonic()
     if timeout is not None and timeout <= 0:
         return False
-    poller = select.poll()
-    poller.register(fd, events | select.POLLHUP | select.POLLERR)
+    poller = _poller()
+    poller.register(fd, events | _POLLHUP | _POLLERR)
     return bool(poller.poll(None if timeout is None else timeout * 1000))
+
+
+class _SelectPoller:
+    """select.poll()'s interface over select.select(), for Windows (no poll()
+    there; select() takes sockets)."""
+
+    def __init__(self) -> None:
+        self._fds: dict[int, int] = {}
+
+    def register(self, fd: int, events: int) -> None:
+        self._fds[fd] = events
+
+    def poll(self, timeout_ms: float | None = None) -> list[tuple[int, int]]:
+        rd = [fd for fd, ev in self._fds.items() if ev & _POLLIN]
+        wr = [fd for fd, ev in self._fds.items() if ev & _POLLOUT]
+        if not rd and not wr:
+            time.sleep(0 if timeout_ms is None else timeout_ms / 1000)
+            return []
+        r, w, x = select.select(rd, wr, list(self._fds), None if timeout_ms is None else timeout_ms / 1000)
+        out: dict[int, int] = {}
+        for fds, ev in ((r, _POLLIN), (w, _POLLOUT), (x, _POLLERR)):
+            for fd in fds:
+                out[fd] = out.get(fd, 0) | ev
+        return list(out.items())
+
+
+def _poller() -> Any:
+    return select.poll() if _HAVE_POLL else _SelectPoller()
 
 
 # --------------------------------------------------------------------- plain
@@ -200,9 +236,9 @@ class TlsStream(Stream):
                 try:
                     return self._ssl.send(chunk)
                 except ssl.SSLWantWriteError:
-                    events = select.POLLOUT
+                    events = _POLLOUT
                 except ssl.SSLWantReadError:
-                    events = select.POLLIN
+                    events = _POLLIN
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError) as exc:
                     raise ChannelClosed(f"tcp: peer closed the TLS connection ({exc})") from exc
                 except ssl.SSLError as exc:
@@ -222,9 +258,9 @@ class TlsStream(Stream):
                 try:
                     return self._ssl.recv(max_bytes), []
                 except ssl.SSLWantReadError:
-                    events = select.POLLIN
+                    events = _POLLIN
                 except ssl.SSLWantWriteError:
-                    events = select.POLLOUT
+                    events = _POLLOUT
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                     return b"", []
                 except ssl.SSLError as exc:
@@ -235,7 +271,7 @@ class TlsStream(Stream):
                 raise TimeoutError(f"tcp: no data within {timeout} s")
 
     def wait_writable(self, timeout: float | None) -> bool:
-        return _poll(self._fd, select.POLLOUT, None if timeout is None else time.monotonic() + timeout)
+        return _poll(self._fd, _POLLOUT, None if timeout is None else time.monotonic() + timeout)
 
     def shutdown_write(self) -> None:
         pass  # TLS has no half-close that the peer's TLS layer would honour
@@ -256,9 +292,9 @@ def _client_handshake(ssock: ssl.SSLSocket, deadline: float | None, where: str, 
             ssock.do_handshake()
             return
         except ssl.SSLWantReadError:
-            events = select.POLLIN
+            events = _POLLIN
         except ssl.SSLWantWriteError:
-            events = select.POLLOUT
+            events = _POLLOUT
         except (ssl.SSLError, OSError) as exc:
             raise HandshakeError(f"TLS handshake with {where} failed: {_tls_failure(exc)}") from exc
         if not _poll(ssock.fileno(), events, deadline):
@@ -322,7 +358,7 @@ class TcpListener(Listener):
                 conn = self._accept_one()
                 if conn is not None:
                     return TcpStream(conn)
-                if not _poll(self._fd, select.POLLIN, deadline):
+                if not _poll(self._fd, _POLLIN, deadline):
                     raise TimeoutError(f"no connection to {self._address} within {timeout} s")
         with self._accept_lock:
             return self._accept_tls(deadline, timeout)
@@ -336,9 +372,9 @@ class TcpListener(Listener):
                 if self._ready:
                     return self._ready.popleft()
                 self._expire(time.monotonic())
-                poller = select.poll()
+                poller = _poller()
                 if len(self._handshaking) < MAX_TLS_HANDSHAKES:
-                    poller.register(self._fd, select.POLLIN)
+                    poller.register(self._fd, _POLLIN)
                 wake = deadline
                 for fd, entry in self._handshaking.items():
                     poller.register(fd, entry[2])
@@ -373,7 +409,7 @@ class TcpListener(Listener):
                 log.warning("TLS setup for %s failed: %s", peer, exc)
                 continue
             fd = ssock.fileno()
-            self._handshaking[fd] = [ssock, time.monotonic() + self._tls_timeout, select.POLLIN, peer]
+            self._handshaking[fd] = [ssock, time.monotonic() + self._tls_timeout, _POLLIN, peer]
             self._step(fd)
 
     def _step(self, fd: int) -> None:
@@ -382,9 +418,9 @@ class TcpListener(Listener):
         try:
             ssock.do_handshake()
         except ssl.SSLWantReadError:
-            entry[2] = select.POLLIN
+            entry[2] = _POLLIN
         except ssl.SSLWantWriteError:
-            entry[2] = select.POLLOUT
+            entry[2] = _POLLOUT
         except (ssl.SSLError, OSError) as exc:
             del self._handshaking[fd]
             ssock.close()
