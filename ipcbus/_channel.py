@@ -182,12 +182,16 @@ class Channel(FrontendState):
         about a millisecond, or by the next ``recv``, ``flush`` or ``close``.
 
         ``handle`` is one socket, file object or :class:`Handle`; ``handles``
-        a list of them. Messages with handles are written before ``send``
-        returns (on a ``protocol="node"`` channel, ``send`` also waits for
-        Node's acknowledgement, which every later message must wait for).
-        With ``keep_open=True`` (the default) the sender keeps its copy;
-        with ``keep_open=False`` ipcbus closes it once the peer has
-        acknowledged receipt.
+        a list of them. The caller may close its copy as soon as ``send``
+        returns: on POSIX a native channel queues a duplicate of the fd
+        (closed once written), so that a burst of handle messages is
+        batched like plain ones; a lone one is written at once. On a
+        ``protocol="node"`` channel (and on Windows) messages with handles
+        are written before ``send`` returns, and on ``protocol="node"``
+        ``send`` also waits for Node's acknowledgement, which every later
+        message must wait for. With ``keep_open=True`` (the default) the
+        sender keeps its copy; with ``keep_open=False`` ipcbus closes it
+        once the peer has acknowledged receipt.
 
         Raises CodecError (a value the codec refuses, or over the size limit),
         HandleError (an object that is not a handle, or a channel that cannot

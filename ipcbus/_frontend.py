@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from ._errors import AuthenticationError, CodecError, HandleError, TransportError
@@ -29,6 +30,7 @@ from .codecs import Codec, MsgpackCodec, get_codec
 log = logging.getLogger("ipcbus")
 
 InternalCallback = Callable[[Message], Any]
+_new_message = partial(tuple.__new__, Message)
 
 # Options that belong to the channel; everything else goes to the transport.
 CHANNEL_OPTIONS = frozenset(
@@ -244,6 +246,12 @@ class FrontendState:
     # --- receiving side ------------------------------------------------------
 
     def _restore(self, ev: RawMessage | InternalMessage) -> Message:
+        handles = ev.handles
+        if not ev.multi and len(handles) == 1 and type(self._core) is Connection:
+            # One handle= on the native core (the common case), in fewer
+            # steps; restore() closes the fd itself when it refuses it.
+            desc, fd = handles[0]
+            return _new_message((ev.data, restore(desc, fd)))
         objs: list[Any] = []
         try:
             for desc, fd in ev.handles:

@@ -42,6 +42,8 @@ _FAMILY_CODES = {code: fam for fam, code in _FAMILIES.items() if fam != -1}
 _TYPES = {socket.SOCK_STREAM: 1, socket.SOCK_DGRAM: 2, getattr(socket, "SOCK_SEQPACKET", -1): 3}
 _TYPE_CODES = {code: typ for typ, code in _TYPES.items() if typ != -1}
 
+_FD_DESC = bytes([KIND_FD, 0, 0, 0])
+
 _MODE_READ = 1
 _MODE_WRITE = 2
 _MODE_APPEND = 4
@@ -139,6 +141,8 @@ def describe(obj: Any) -> tuple[bytes, int]:
     Accepts a ``socket.socket``, a ``Handle``, or a file object with a real
     fd (``fileno()``). Anything else is a HandleError.
     """
+    if type(obj) is Handle:  # the cheapest kind first
+        return _FD_DESC, obj.fileno()
     if isinstance(obj, socket.socket):
         fd = obj.fileno()
         if fd < 0:
@@ -155,7 +159,7 @@ def describe(obj: Any) -> tuple[bytes, int]:
                 listening = 0
         return bytes([KIND_SOCKET, fam, typ, listening]), fd
     if isinstance(obj, Handle):
-        return bytes([KIND_FD, 0, 0, 0]), obj.fileno()
+        return _FD_DESC, obj.fileno()
     if isinstance(obj, io.IOBase) or hasattr(obj, "fileno"):
         try:
             fd = obj.fileno()

@@ -369,65 +369,84 @@ class Connection:
         multi: bool,
         release: Any,
     ) -> None:
+        if handles:
+            self._queue_handles(payload, handles, multi, release)
+            return
         self._close_batch()
-        n = len(handles)
-        length = len(payload) + n * HANDLE_DESCRIPTOR_SIZE + (1 if n else 0)
+        length = len(payload)
         limit = self.peer.peer_max_message_size if self.peer else self.max_message_size
         if length > limit:
             raise CodecError(f"message of {length} bytes exceeds the max_message_size of {limit}")
         out = self._held if (self._held is not None and ftype == FRAME_DATA) else self._out
-        if n:
-            if not self.handles_allowed:
-                raise HandleError("this channel cannot carry handles")
-            if n > self.max_handles:
-                raise HandleError(f"{n} handles in one message; the limit is {self.max_handles}")
-            descs = b"".join(d for d, _ in handles)
-            if len(descs) != n * HANDLE_DESCRIPTOR_SIZE:
-                raise HandleError("malformed handle descriptors")
-            frame = bytearray(FRAME.pack(length, ftype, n, 0))
-            frame += bytes([1 if multi else 0])
-            frame += descs
-            frame += payload
-            # A handle frame starts its own segment, so that its fds ride
-            # on the sendmsg that carries its first byte; handle frames
-            # queued right behind it (nothing else in between, segment not
-            # yet taken) join that segment and its fds: a run of handle
-            # frames then costs the receiver one recvmsg (PROTOCOL.md §4.1).
-            run = self._hrun
-            seg = out[-1] if out else None
-            if (
-                run is not None
-                and seg is run[0]
-                and len(seg[0]) == run[1]
-                and len(seg[1]) + n <= SCM_MAX_FD
-                and run[1] < SEGMENT_TARGET
-            ):
-                seg[0] += frame
-                seg[1].extend(fd for _, fd in handles)
-                run[1] = len(seg[0])
-            else:
-                seg = [frame, [fd for _, fd in handles]]
-                out.append(seg)
-                self._hrun = [seg, len(frame)]
-            if out is self._out:
-                self.queued_fds += n
-            self._unacked.append(release)
-        else:
-            header = FRAME.pack(length, ftype, 0, 0)
-            if out:
-                last = out[-1]
-                buf = last[0]
-                if len(buf) < SEGMENT_TARGET:
-                    buf += header
-                    buf += payload
-                    if out is self._out:
-                        self._out_size += length + 8
-                    return
-            seg = bytearray(header)
-            seg += payload
-            out.append([seg, []])
+        header = FRAME.pack(length, ftype, 0, 0)
+        if out:
+            last = out[-1]
+            buf = last[0]
+            if len(buf) < SEGMENT_TARGET:
+                buf += header
+                buf += payload
+                if out is self._out:
+                    self._out_size += length + 8
+                return
+        seg = bytearray(header)
+        seg += payload
+        out.append([seg, []])
         if out is self._out:
             self._out_size += length + 8
+
+    def _queue_handles(
+        self, payload: bytes, handles: Sequence[tuple[bytes, int]], multi: bool, release: Any
+    ) -> None:
+        self._close_batch()
+        n = len(handles)
+        length = len(payload) + n * HANDLE_DESCRIPTOR_SIZE + 1
+        peer = self.peer
+        limit = peer.peer_max_message_size if peer else self.max_message_size
+        if length > limit:
+            raise CodecError(f"message of {length} bytes exceeds the max_message_size of {limit}")
+        if not self.can_carry_handles or (peer is not None and not peer.peer_can_carry_handles):
+            raise HandleError("this channel cannot carry handles")
+        if n > self.max_handles:
+            raise HandleError(f"{n} handles in one message; the limit is {self.max_handles}")
+        if n == 1:
+            descs, fd = handles[0]
+            fds = [fd]
+        else:
+            descs = b"".join(d for d, _ in handles)
+            fds = [fd for _, fd in handles]
+        if len(descs) != n * HANDLE_DESCRIPTOR_SIZE:
+            raise HandleError("malformed handle descriptors")
+        frame = bytearray(FRAME.pack(length, FRAME_DATA, n, 0))
+        frame += b"\x01" if multi else b"\x00"
+        frame += descs
+        frame += payload
+        # A handle frame starts its own segment, so that its fds ride on the
+        # sendmsg that carries its first byte; handle frames queued right
+        # behind it (nothing else in between, segment not yet taken) join
+        # that segment and its fds: a run of handle frames then costs the
+        # receiver one recvmsg (PROTOCOL.md §4.1).
+        held = self._held
+        out = self._out if held is None else held
+        run = self._hrun
+        if run is not None and out and out[-1] is run[0]:
+            seg = run[0]
+            size = len(seg[0])
+            if size == run[1] and len(seg[1]) + n <= SCM_MAX_FD and size < SEGMENT_TARGET:
+                seg[0] += frame
+                seg[1] += fds
+                run[1] = size + len(frame)
+            else:
+                run = None
+        else:
+            run = None
+        if run is None:
+            seg = [frame, fds]
+            out.append(seg)
+            self._hrun = [seg, len(frame)]
+        if held is None:
+            self._out_size += length + 8
+            self.queued_fds += n
+        self._unacked.append(release)
 
     def _send_control(self, message: dict[str, Any]) -> None:
         self._queue_frame(FRAME_CONTROL, msgpack.packb(message), (), False, None)
@@ -615,11 +634,35 @@ class Connection:
     def _parse_other(
         self, view: memoryview, pos: int, length: int, ftype: int, nh: int, reserved: int
     ) -> None:
+        if nh == 1 and ftype == FRAME_DATA and not reserved and length > 5 and self.max_handles:
+            # The common handle frame (one fd, its claim in order), in fewer
+            # steps; anything unusual takes the general path below.
+            fds = self._fds
+            if fds:
+                fd, chunk_end = fds[0]
+                if chunk_end > self._consumed + pos or chunk_end == self._run_end:
+                    fds.popleft()
+                    self._run_end = chunk_end
+                    self._acks_due += 1
+                    start = pos + 8
+                    try:
+                        value = self.codec.decode(view[start + 5 : start + length])
+                    except CodecError:
+                        self._orphans.append(fd)
+                        raise
+                    handles = [(bytes(view[start + 1 : start + 5]), fd)]
+                    if type(value) is dict:
+                        cmd = value.get("cmd")
+                        if type(cmd) is str and cmd.startswith(self._prefixes):
+                            self._events.append(self._internal(value, handles, view[start] == 1))
+                            return
+                    self._events.append(RawMessage(value, handles, view[start] == 1))
+                    return
         if reserved:
             raise ProtocolError(f"reserved header field is {reserved:#x}, must be 0")
         start = pos + 8
         end = start + length
-        handles: list[tuple[bytes, int]] = []
+        handles = []
         multi = False
         if nh:
             if ftype != FRAME_DATA:

@@ -755,6 +755,73 @@ def _connect_both(lst: Any, url: str, **options: Any) -> tuple[Any, Any]:
         return fut.result(timeout=T), s
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="the channel duplicates fds only on POSIX")
+def test_a_burst_of_handles_whose_senders_copies_close_at_once() -> None:
+    # A burst of handle messages may wait in the buffer (to share one
+    # sendmsg): what is queued is the channel's own duplicate, so the caller
+    # may close its copy as soon as send returns, and the duplicates are
+    # closed once written.
+    a, b = ipcbus.pair()
+    r, w = os.pipe()
+    try:
+        before = fd_count()
+        n = 200
+        for i in range(n):
+            mine = ipcbus.Handle(os.dup(r))
+            a.send(i, handle=mine)
+            mine.close()  # before the message was necessarily written
+        a.flush(timeout=T)
+        assert fd_count() == before  # the channel's duplicates are closed
+        os.write(w, b"x" * n)
+        for i in range(n):
+            msg = b.recv(timeout=T)
+            assert msg.data == i
+            with msg.handle as h:
+                assert os.read(h.fileno(), 1) == b"x"  # a working copy of the pipe
+    finally:
+        a.close()
+        b.close()
+        os.close(r)
+        os.close(w)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the channel duplicates fds only on POSIX")
+def test_unwritten_handle_messages_close_their_fds_with_the_channel() -> None:
+    a, b = ipcbus.pair()
+    r, w = os.pipe()
+    try:
+        before = fd_count()
+        h = ipcbus.Handle(r)
+        for i in range(20):
+            a.send(i, handle=h)
+        h.detach()
+        b.close()
+        a.close()  # nothing more can be written: the duplicates are closed
+        assert fd_count() == before - 2
+    finally:
+        a.close()
+        b.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_sending_a_closed_fd_is_a_handle_error_and_the_channel_lives_on() -> None:
+    a, b = ipcbus.pair()
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    bad = ipcbus.Handle(r)
+    try:
+        with pytest.raises(ipcbus.HandleError):
+            a.send("bad", handle=bad)
+        a.send("fine")
+        assert b.recv(timeout=T).data == "fine"
+    finally:
+        bad.detach()
+        a.close()
+        b.close()
+
+
 def test_memory_transport_refuses_handles() -> None:
     with ipcbus.listen("memory://handles-test") as lst:
         c, s = _connect_both(lst, "memory://handles-test")

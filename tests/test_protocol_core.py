@@ -30,6 +30,7 @@ from ipcbus._protocol import (
     MIN_MAX_MESSAGE_SIZE,
     NEED_DATA,
     NONCE_SIZE,
+    SCM_MAX_FD,
     Closed,
     Connection,
     HandlesReleased,
@@ -590,6 +591,77 @@ def test_handle_frame_interrupts_a_batch_in_order() -> None:
     for data, fds in segs:
         b.receive_data(data, fds)
     assert [type(ev).__name__ for ev in drain(b)] == ["Message", "RawMessage", "Message"]
+
+
+def test_consecutive_handle_frames_share_one_segment() -> None:
+    a, _ = connected()
+    a.send(1, [(DESC, 5)])
+    a.send(2, [(DESC, 6), (DESC, 7)], multi=True)
+    a.send_encoded(msgpack.packb("plain"))  # ends the run
+    a.send(3, [(DESC, 8)])
+    assert [fds for _, fds in output(a)] == [[5, 6, 7], [8]]
+
+
+def test_a_run_of_handle_frames_holds_at_most_scm_max_fd_fds() -> None:
+    a, _ = connected()
+    for i in range(300):
+        a.send(i, [(DESC, 1000 + i)])
+    assert [len(fds) for _, fds in output(a)] == [SCM_MAX_FD, 300 - SCM_MAX_FD]
+
+
+def test_a_run_split_anywhere_by_the_kernel_is_received_whole() -> None:
+    # The kernel may split one sendmsg (the fds ride on its first piece):
+    # every frame of the run still claims its fds, wherever the split is.
+    a, _ = connected()
+    for i in range(3):
+        a.send(i, [(DESC, 10 + i)])
+    a.send_encoded(msgpack.packb("after"))
+    [(data, fds)] = output(a)  # a plain frame may follow in the same write
+    assert fds == [10, 11, 12]
+    for cut in range(1, len(data)):
+        b = opened()
+        b.receive_data(data[:cut], fds)
+        b.receive_data(data[cut:])
+        events = drain(b)
+        assert events == [
+            RawMessage(0, [(DESC, 10)], False),
+            RawMessage(1, [(DESC, 11)], False),
+            RawMessage(2, [(DESC, 12)], False),
+            Message("after", None),
+        ], cut
+        assert b.unclaimed_fds() == []
+
+
+def test_fds_left_over_from_a_run_are_stray_at_the_next_plain_frame() -> None:
+    conn = opened()
+    conn.receive_data(_handle_frame("one", 1), [20, 21])
+    assert isinstance(conn.next_event(), RawMessage)
+    assert conn.next_event() is NEED_DATA  # the run may go on in the next chunk
+    conn.receive_data(frame(FRAME_DATA, msgpack.packb("plain")))
+    with pytest.raises(HandleError, match="1 fd"):
+        drain(conn)
+    assert conn.unclaimed_fds() == [21]
+
+
+def test_fds_left_over_from_a_run_are_stray_at_eof() -> None:
+    conn = opened()
+    conn.receive_data(_handle_frame("one", 1), [22, 23])
+    assert isinstance(conn.next_event(), RawMessage)
+    conn.receive_data(b"")
+    with pytest.raises(HandleError, match="no frame claiming"):
+        drain(conn)
+    assert conn.unclaimed_fds() == [23]
+
+
+def test_a_plain_frame_ends_the_run() -> None:
+    # handle, plain, then (in a later chunk) another handle frame: the fd
+    # left over was for a frame inside its own chunk, and none claimed it.
+    conn = opened()
+    conn.receive_data(_handle_frame("one", 1) + frame(FRAME_DATA, msgpack.packb("plain")), [24, 25])
+    conn.receive_data(_handle_frame("late", 1))
+    with pytest.raises(HandleError, match="no frame claiming"):
+        drain(conn)
+    assert conn.unclaimed_fds() == [25]
 
 
 # --------------------------------------------------------- ACK and release

@@ -554,7 +554,7 @@ def test_100k_messages_in_order_between_processes():
         proc = _child(
             f"""
             import os, ipcbus
-            ch = ipcbus.connect({listener.address!r}, authkey=os.environb[b"IPCBUS_TEST_KEY"])
+            ch = ipcbus.connect({listener.address!r}, authkey=os.environ["IPCBUS_TEST_KEY"].encode())
             for i in range({n}):
                 ch.send({{"i": i, "s": "payload"}})
             # the reverse direction too: echo what the parent sends
@@ -585,7 +585,7 @@ def test_200_concurrent_clients():
         server, errors = _serve_echo(listener, clients)
         code = f"""
             import os, sys, threading, ipcbus
-            key = os.environb[b"IPCBUS_TEST_KEY"]
+            key = os.environ["IPCBUS_TEST_KEY"].encode()
             base = int(sys.argv[1]) if len(sys.argv) > 1 else 0
             ok = []
             def client(c):
@@ -618,6 +618,7 @@ def test_200_concurrent_clients():
 HEARTBEAT = 1.5
 
 
+@pytest.mark.posix("SIGSTOP/SIGCONT to freeze the peer")
 def test_heartbeat_detects_a_stopped_peer():
     """The peer never reads; its heartbeat pings keep the channel alive.
     SIGSTOP makes it silent with the TCP connection still open (half-open
@@ -626,7 +627,7 @@ def test_heartbeat_detects_a_stopped_peer():
         proc = _child(
             f"""
             import os, sys, time, ipcbus
-            ch = ipcbus.connect({listener.address!r}, authkey=os.environb[b"IPCBUS_TEST_KEY"],
+            ch = ipcbus.connect({listener.address!r}, authkey=os.environ["IPCBUS_TEST_KEY"].encode(),
                                 heartbeat={HEARTBEAT})
             ch.send("ready")
             time.sleep(120)
@@ -651,12 +652,13 @@ def test_heartbeat_detects_a_stopped_peer():
             _finish(proc)
 
 
+@pytest.mark.posix("SIGKILL (Windows has no such signal)")
 def test_killed_peer_is_an_end_of_stream():
     with ipcbus.listen("tcp://127.0.0.1:0", authkey=KEY, heartbeat=HEARTBEAT) as listener:
         proc = _child(
             f"""
             import os, time, ipcbus
-            ch = ipcbus.connect({listener.address!r}, authkey=os.environb[b"IPCBUS_TEST_KEY"],
+            ch = ipcbus.connect({listener.address!r}, authkey=os.environ["IPCBUS_TEST_KEY"].encode(),
                                 heartbeat={HEARTBEAT})
             ch.send("ready")
             time.sleep(120)
@@ -765,6 +767,7 @@ def test_trio_authentication_rules(pki):
     trio.run(main)
 
 
+@pytest.mark.posix("SIGSTOP/SIGCONT to freeze the peer")
 def test_trio_heartbeat_detects_a_stopped_peer():
     trio = pytest.importorskip("trio")
     import ipcbus.trio
@@ -774,7 +777,7 @@ def test_trio_heartbeat_detects_a_stopped_peer():
             proc = _child(
                 f"""
                 import os, time, ipcbus
-                ch = ipcbus.connect({listener.address!r}, authkey=os.environb[b"IPCBUS_TEST_KEY"],
+                ch = ipcbus.connect({listener.address!r}, authkey=os.environ["IPCBUS_TEST_KEY"].encode(),
                                     heartbeat={HEARTBEAT})
                 ch.send("ready")
                 time.sleep(120)

@@ -56,10 +56,12 @@ def test_socketpair() -> None:
     check_transport(_socketpair, size=SIZE)
 
 
+@pytest.mark.posix("fd://N adopts a socket by its POSIX fd number")
 def test_fd() -> None:
     check_transport(_fd, size=SIZE, seed=1)
 
 
+@pytest.mark.posix("Unix sockets")
 def test_unix(tmp_path: Path, listeners: list[object]) -> None:
     check_transport(_via_listener(UnixTransport(), str(tmp_path / "c.sock"), listeners), size=SIZE, seed=2)
 

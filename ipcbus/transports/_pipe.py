@@ -396,6 +396,52 @@ class _PeerPid:
 # ------------------------------------------------------------- blocking side
 
 
+class _WriteIssuer:
+    """Issues WriteFile calls for threads that may exit before the write
+    completes: Windows cancels a thread's pending I/O on a handle without a
+    completion port when that thread exits, so a non-blocking write left
+    pending by a short-lived thread would be lost. One long-lived thread
+    issues those writes instead; the caller still waits on the write's event.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests: Any = None
+
+    def issue(self, winapi: Any, handle: int, buf: bytes) -> tuple[Any, int]:
+        import queue
+
+        with self._lock:
+            if self._requests is None:
+                self._requests = queue.SimpleQueue()
+                threading.Thread(target=self._run, name="ipcbus-pipe-writes", daemon=True).start()
+        done: Any = queue.SimpleQueue()
+        self._requests.put((winapi, handle, buf, done))
+        ok, result = done.get()
+        if not ok:
+            raise result
+        return result
+
+    def _run(self) -> None:
+        while True:
+            winapi, handle, buf, done = self._requests.get()
+            try:
+                done.put((True, winapi.WriteFile(handle, buf, overlapped=True)))
+            except OSError as exc:
+                done.put((False, exc))
+
+
+_write_issuer = _WriteIssuer()
+
+
+def _issue_write(winapi: Any, handle: int, buf: bytes) -> tuple[Any, int]:
+    # The main thread outlives every write it starts; other threads hand the
+    # call to the issuer thread.
+    if threading.current_thread() is threading.main_thread():
+        return winapi.WriteFile(handle, buf, overlapped=True)
+    return _write_issuer.issue(winapi, handle, buf)
+
+
 class PipeStream(_PeerPid, Stream):
     """A connected pipe handle, blocking (overlapped I/O under the hood)."""
 
@@ -451,14 +497,13 @@ class PipeStream(_PeerPid, Stream):
         if self._wov is not None:
             pending = self._wdata
             if pending is None or bytes(data[: len(pending)]) != pending:
-                print("DBG mismatch", len(data), None if pending is None else len(pending), bytes(data[:20]), pending[:20], file=sys.stderr)
                 raise TransportError("pipe: a send after a pending write must start with that write's bytes")
             if not self._finish_write(block):
                 return 0
             return len(pending)
         buf = build_records(data, fds, self.peer_pid if fds else None)
         try:
-            ov, err = self._winapi.WriteFile(self._h, buf, overlapped=True)
+            ov, err = _issue_write(self._winapi, self._h, buf)
         except OSError as exc:
             raise _translate(exc, "write") from exc
         self._wov = ov

@@ -49,9 +49,10 @@ def _translated(name: str, exc: OSError) -> Exception:
     # One place turns OS errors into the ipcbus hierarchy; the caller raises
     # the result ``from exc``, keeping the OSError as __cause__ (the
     # trio/httpcore pattern).
-    if isinstance(exc, (BrokenPipeError, ConnectionResetError)) or exc.errno in _CLOSED_ERRNOS:
+    if isinstance(exc, (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)) or exc.errno in _CLOSED_ERRNOS:
         return ChannelClosed(f"{name}: peer closed the connection ({exc.strerror})")
-    if exc.errno == errno.EBADF:
+    # A closed socket object: EBADF, or on Windows WSAENOTSOCK (10038).
+    if exc.errno == errno.EBADF or getattr(exc, "winerror", None) == 10038:
         return ChannelClosed(f"{name}: the stream is closed")
     return TransportError(f"{name}: {exc}")
 
@@ -136,6 +137,8 @@ class SocketStream(Stream):
         # try/except rather than the _translate context manager: this is the
         # hot path of every write.
         if _WINDOWS:  # pragma: no cover - Windows
+            if fds:
+                raise HandleError(f"{self.transport_name}: this socket cannot carry handles (no SCM_RIGHTS on Windows)")
             return self._win_send(data, block)
         try:
             if fds:
