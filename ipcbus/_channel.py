@@ -75,6 +75,10 @@ ACK_PUMP_EVERY = 16
 # A burst of handle messages is written once this many fds are queued
 # (one sendmsg carries at most SCM_MAX_FD).
 HANDLE_FLUSH_AT = 64
+# A message with more handles than this is written at once with the caller's
+# own fds: it already fills much of a sendmsg, and duplicating each fd would
+# cost two system calls per fd. So is a lone handle message (nothing to batch).
+DUP_HANDLES_MAX = 4
 # Acknowledgements are left for the flusher thread (coalesced) until this
 # many bytes of them are queued.
 ACK_WRITE_AT = 4096
@@ -128,6 +132,7 @@ class Channel(FrontendState):
         # may then wait in the buffer, so that a burst of them shares one
         # sendmsg. Node's protocol and Windows pipes send the caller's own.
         self._owns_fds = type(core) is Connection and sys.platform != "win32"
+        self._borrowed: dict[int, int] = {}  # caller's fds queued by a send still running
         self._init_frontend()
         try:
             self.flush()  # the hello goes out now, so the peer can check it early
@@ -222,14 +227,42 @@ class Channel(FrontendState):
                 self.flush()
             return
         described, multi, release = self._prepare_handles(handle, handles, keep_open)
-        if self._owns_fds:
+        owns = self._owns_fds
+        if owns and len(described) <= DUP_HANDLES_MAX and (
+            self._core.output_size or self._partial is not None or _monotonic() - self._last_write < LONE_SEND_GAP
+        ):
             self._send_owned(data, described, multi, release)
             return
+        # Written before send returns: the caller's own fds go out, lent
+        # to the channel meanwhile (so that _write_out does not close them).
+        borrowed = self._borrowed
+        if owns:
+            # A closed fd would fail the sendmsg (EBADF), which reads as a
+            # closed channel: refuse it here, one fcntl per fd.
+            for _, fd in described:
+                try:
+                    os.get_inheritable(fd)
+                except OSError as exc:
+                    raise HandleError(f"cannot send fd {fd}: {exc.strerror}") from exc
         with self._lock:
-            self._core.send(data, described, multi=multi, release=release)
-        self.flush()
-        self._handle_sends += 1
-        if release is not None or not self._handle_sends % ACK_PUMP_EVERY:
+            if owns:
+                for _, fd in described:
+                    borrowed[fd] = borrowed.get(fd, 0) + 1
+        try:
+            with self._lock:
+                self._core.send(data, described, multi=multi, release=release)
+            self.flush()
+        finally:
+            if owns:
+                with self._lock:
+                    for _, fd in described:
+                        if borrowed[fd] == 1:
+                            del borrowed[fd]
+                        else:
+                            borrowed[fd] -= 1
+        self._handle_sends += ACK_PUMP_EVERY
+        if release is not None or self._handle_sends >= ACK_PUMP_EVERY * ACK_PUMP_EVERY:
+            self._handle_sends = 0
             self._pump_acks()
         if getattr(self._core, "awaiting_ack", False):
             self._wait_handle_answer()
@@ -276,7 +309,8 @@ class Channel(FrontendState):
 
     def _close_owned(self, fds: list[int]) -> None:
         if fds and self._owns_fds:
-            close_fds(fds)
+            borrowed = self._borrowed
+            close_fds([fd for fd in fds if fd not in borrowed] if borrowed else fds)
 
     def _wait_handle_answer(self) -> None:
         # Node's protocol holds every later message until the peer answers a
@@ -480,7 +514,11 @@ class Channel(FrontendState):
                 if type(ev) is Message:
                     return ev
                 if type(ev) is RawMessage:
-                    return self._handle_event(ev)  # ours now: restore without the locks
+                    try:  # ours now: restore it without the locks
+                        return self._restore(ev)
+                    except IPCError as exc:
+                        self._fail(exc)
+                        raise
                 events.appendleft(ev)
         deadline = None if timeout is None else _monotonic() + timeout
         core = self._core

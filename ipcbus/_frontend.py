@@ -11,7 +11,7 @@ from functools import partial
 from typing import Any
 
 from ._errors import AuthenticationError, CodecError, HandleError, TransportError
-from ._handles import close_fds, describe, restore
+from ._handles import KIND_FD, Handle, close_fds, describe, restore
 from ._message import Message
 from ._protocol import (
     DEFAULT_INTERNAL_PREFIX,
@@ -251,6 +251,8 @@ class FrontendState:
             # One handle= on the native core (the common case), in fewer
             # steps; restore() closes the fd itself when it refuses it.
             desc, fd = handles[0]
+            if desc[0] == KIND_FD:
+                return _new_message((ev.data, Handle(fd)))  # a bare fd claims nothing to check
             return _new_message((ev.data, restore(desc, fd)))
         objs: list[Any] = []
         try:

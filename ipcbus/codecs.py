@@ -137,12 +137,14 @@ class JSONCodec:
     name = "json"
     requires_trust = False
 
+    def __init__(self) -> None:
+        # Built once: json.dumps with any option builds a new encoder per call.
+        self._dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode
+
     def encode(self, value: Any) -> bytes:
         _check_json(value)
         try:
-            return json.dumps(
-                value, separators=(",", ":"), allow_nan=False, ensure_ascii=False
-            ).encode("utf-8", "surrogatepass")
+            return self._dumps(value).encode("utf-8", "surrogatepass")
         except (TypeError, ValueError) as exc:
             raise CodecError(f"json cannot encode {type(value).__name__}: {exc}") from exc
 

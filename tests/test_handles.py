@@ -805,16 +805,53 @@ def test_unwritten_handle_messages_close_their_fds_with_the_channel() -> None:
         os.close(w)
 
 
-def test_sending_a_closed_fd_is_a_handle_error_and_the_channel_lives_on() -> None:
+@pytest.mark.skipif(sys.platform == "win32", reason="the channel duplicates fds only on POSIX")
+def test_a_burst_then_a_message_with_many_handles_closes_only_the_duplicates() -> None:
+    # A message with many handles is written at once with the caller's own
+    # fds, together with the burst queued before it: the channel closes its
+    # duplicates and nothing of the caller's.
+    a, b = ipcbus.pair()
+    r, w = os.pipe()
+    h = ipcbus.Handle(r)
+    try:
+        before = fd_count()
+        for i in range(10):
+            a.send(i, handle=h)
+        a.send("many", handles=[h] * 8)
+        a.flush(timeout=T)
+        assert fd_count() == before
+        os.fstat(r)  # still ours, still open
+        got = []
+        for _ in range(11):
+            msg = b.recv(timeout=T)
+            got.append(msg.data)
+            for x in msg.handles:
+                x.close()
+        assert got == [*range(10), "many"]
+    finally:
+        h.close()
+        os.close(w)
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("burst", [False, True])
+def test_sending_a_closed_fd_is_a_handle_error_and_the_channel_lives_on(burst: bool) -> None:
     a, b = ipcbus.pair()
     r, w = os.pipe()
     os.close(r)
     os.close(w)
     bad = ipcbus.Handle(r)
     try:
+        if burst:
+            a.send("first")  # the next send may be queued behind it
         with pytest.raises(ipcbus.HandleError):
             a.send("bad", handle=bad)
+        with pytest.raises(ipcbus.HandleError):
+            a.send("bad", handles=[bad] * 6)
         a.send("fine")
+        if burst:
+            assert b.recv(timeout=T).data == "first"
         assert b.recv(timeout=T).data == "fine"
     finally:
         bad.detach()
