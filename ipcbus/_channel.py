@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import socket
 import sys
 import threading
 import time
@@ -66,6 +67,10 @@ log = logging.getLogger("ipcbus")
 # a burst and are batched. A burst's sends come a microsecond or two apart; a
 # round trip between processes takes a few tens of microseconds at least.
 LONE_SEND_GAP = 0.000025
+# Windows sockets have no sendmsg.
+_CAN_GATHER = hasattr(socket.socket, "sendmsg")
+# A payload this large is written straight from the codec's bytes.
+DIRECT_WRITE = 256 * 1024
 # Write at once when this much is buffered, whatever the timing.
 FLUSH_AT = 64 * 1024
 # A sender that only sends reads the peer's handle acknowledgements after
@@ -107,6 +112,10 @@ class Channel(FrontendState):
         self._core = core
         self._name = stream.transport_name
         self._encode = fast_encoder(core.codec)
+        # Large payloads skip the output segment where the stream can gather.
+        self._send_parts = (
+            getattr(stream, "send_parts", None) if type(core) is Connection and _CAN_GATHER else None
+        )
         self._lock = threading.Lock()  # the core's state
         self._lock_acquire = self._lock.acquire
         self._lock_release = self._lock.release
@@ -209,6 +218,8 @@ class Channel(FrontendState):
                 payload = self._encode(data)
             except (TypeError, ValueError, OverflowError) as exc:
                 raise encode_error(self._core.codec, data, exc) from exc
+            if len(payload) >= DIRECT_WRITE and self._send_parts is not None and self._send_direct(payload):
+                return
             # acquire/release rather than `with`: half the cost on this path.
             self._lock_acquire()
             try:
@@ -368,6 +379,35 @@ class Channel(FrontendState):
         deadline = None if timeout is None else _monotonic() + timeout
         with self._wlock:
             self._write_out(deadline)
+
+    def _send_direct(self, payload: bytes) -> bool:
+        # A large payload goes out as [header, payload] in one sendmsg, after
+        # everything queued before it: never copied into an output segment.
+        # False: the core wants it queued instead (frames held, say).
+        with self._wlock:
+            self._write_out(None)
+            with self._lock:
+                header = self._core.direct_header(len(payload))
+            if header is None:
+                return False
+            parts = [memoryview(header), memoryview(payload)]
+            try:
+                while parts:
+                    n = self._send_parts(parts)
+                    while n:
+                        if n >= len(parts[0]):
+                            n -= len(parts.pop(0))
+                        else:
+                            parts[0] = parts[0][n:]
+                            n = 0
+            except ChannelClosed as exc:
+                self._sending_failed(exc)
+                raise
+            except IPCError as exc:
+                self._fail(exc)
+                raise
+            self._last_write = _monotonic()
+        return True
 
     def _flush_nowait(self) -> None:
         # Write what the kernel takes now; a send only blocks (backpressure)

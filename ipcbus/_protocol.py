@@ -346,6 +346,25 @@ class Connection:
         self._queue_frame(FRAME_DATA, payload, (), False, None)
         return before
 
+    def direct_header(self, length: int) -> bytes | None:
+        """Account for a plain DATA frame of ``length`` payload bytes that the
+        frontend writes itself, right after everything already taken from
+        :meth:`take_output` (so that a large payload is never copied into a
+        segment), and return its header. None when it must be queued like any
+        other frame: something is still queued, or frames are held back
+        until authentication completes. Raises CodecError over the size limit.
+        """
+        if self._error is not None or self._closed_for_sending:
+            self._check_can_send()
+        if self._out or self._held is not None:
+            return None
+        limit = self.peer.peer_max_message_size if self.peer else self.max_message_size
+        if length > limit:
+            raise CodecError(f"message of {length} bytes exceeds the max_message_size of {limit}")
+        self._close_batch()
+        self._hrun = None
+        return FRAME.pack(length, FRAME_DATA, 0, 0)
+
     def _close_batch(self) -> None:
         batch = self._batch
         if batch is not None:

@@ -232,3 +232,44 @@ def test_flush_with_timeout_after_a_full_buffer_sends_each_byte_once() -> None:
         a.flush(timeout=10)
         t.join(15)
     assert got == list(range(sent))
+
+
+def test_large_payloads_written_directly_keep_their_place_in_the_stream() -> None:
+    # Payloads past DIRECT_WRITE skip the output segment (one sendmsg of
+    # [header, payload]); they must still arrive whole, in order with the
+    # small, batched and handle-carrying messages around them.
+    import os
+
+    from ipcbus._channel import DIRECT_WRITE
+
+    big = os.urandom(DIRECT_WRITE + 12345)
+    a, b = ipcbus.pair()
+    got: list[object] = []
+
+    def reader() -> None:
+        for msg in b:
+            got.append(msg.data)
+            if msg.handle is not None:
+                msg.handle.close()
+
+    with a, b:
+        t = threading.Thread(target=reader)
+        t.start()
+        expected: list[object] = []
+        for i in range(40):
+            for j in range(3):
+                a.send({"i": i, "j": j})
+                expected.append({"i": i, "j": j})
+            a.send(big[i:] if i % 2 else big)
+            expected.append(big[i:] if i % 2 else big)
+            if i % 10 == 0:
+                r, w = os.pipe()
+                os.close(w)
+                with open(r, "rb") as f:
+                    a.send({"h": i}, handle=f)
+                expected.append({"h": i})
+        a.close()
+        t.join(30)
+        assert not t.is_alive()
+    assert len(got) == len(expected)
+    assert got == expected

@@ -151,6 +151,14 @@ class SocketStream(Stream):
         except OSError as exc:
             raise _translated(self.transport_name, exc) from exc
 
+    def send_parts(self, parts: list[memoryview]) -> int:
+        """Blocking scatter-gather write of a prefix of ``parts`` (one
+        ``sendmsg``, no fds); returns how many bytes went out."""
+        try:
+            return self._sock.sendmsg(parts, (), _SEND_FLAGS)
+        except OSError as exc:
+            raise _translated(self.transport_name, exc) from exc
+
     def receive(self, max_bytes: int, max_fds: int, timeout: float | None = None) -> tuple[bytes, list[int]]:
         if timeout is not None and not self._wait_readable(timeout):
             raise TimeoutError(f"{self.transport_name}: no data within {timeout} s")
