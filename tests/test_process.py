@@ -195,7 +195,9 @@ def test_spawn_scrubs_inherited_channel_env(tmp_path: Path) -> None:
         print(json.dumps([ipcbus.parent() is None, sorted(k for k in os.environ if k.startswith("IPCBUS_"))]))
         """,
     )
-    env = dict(os.environ, **{CHANNEL_FD_ENV: "987", CHANNEL_CODEC_ENV: "json", "IPCBUS_KEEP": "1"})
+    # Start from an environment without IPCBUS_ variables (CI sets some).
+    base = {k: v for k, v in os.environ.items() if not k.startswith("IPCBUS_")}
+    env = dict(base, **{CHANNEL_FD_ENV: "987", CHANNEL_CODEC_ENV: "json", "IPCBUS_KEEP": "1"})
     result = ipcbus.exec_file(sys.executable, [probe], env=env, timeout=T, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == '[true, ["IPCBUS_KEEP"]]'
