@@ -409,18 +409,21 @@ class Channel(FrontendState):
             self._last_write = _monotonic()
         return True
 
+    def _write_some(self) -> bool:
+        # Write what the kernel takes, without waiting; True when nothing is
+        # left. False too when another thread holds the writer lock: it may
+        # already have looked at the queue for the last time.
+        if not self._wlock.acquire(blocking=False):
+            return False
+        try:
+            return self._write_out(None, block=False)
+        finally:
+            self._wlock.release()
+
     def _flush_nowait(self) -> None:
-        # Write what the kernel takes now; a send only blocks (backpressure)
-        # once FLUSH_AT bytes are waiting, so the rest goes to the flusher.
-        done = False
-        if self._wlock.acquire(blocking=False):
-            try:
-                done = self._write_out(None, block=False)
-            finally:
-                self._wlock.release()
-        # else another thread is writing; it may already have looked at the
-        # queue for the last time, so the flusher makes sure.
-        if not done and not self._scheduled:
+        # A send only blocks (backpressure) once FLUSH_AT bytes are waiting,
+        # so what the kernel does not take now goes to the flusher.
+        if not self._write_some() and not self._scheduled:
             self._scheduled = True
             _flusher.schedule(self)
 
@@ -490,14 +493,12 @@ class Channel(FrontendState):
 
     def _background_flush(self) -> bool:
         self._scheduled = False
-        if self._closed or not self._wlock.acquire(blocking=False):
-            return not self._closed
+        if self._closed:
+            return False
         try:
-            return not self._write_out(None, block=False)
+            return not self._write_some()
         except (IPCError, TimeoutError):
             return False
-        finally:
-            self._wlock.release()
 
     def _exit_flush(self) -> None:
         if not self._closed:
@@ -660,14 +661,12 @@ class Channel(FrontendState):
             if not self._scheduled:
                 self._scheduled = True
                 _flusher.schedule(self)
-        elif has_output and self._wlock.acquire(blocking=False):
+        elif has_output:
             # Handshake replies go out now, without waiting.
             try:
-                self._write_out(None, block=False)
+                self._write_some()
             except (IPCError, TimeoutError):
                 pass
-            finally:
-                self._wlock.release()
 
     def _drain_output(self, until: float | None) -> None:
         # Write what is queued without ever blocking on a peer that may itself

@@ -19,7 +19,7 @@ import hashlib
 import hmac
 import struct
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from itertools import repeat
@@ -900,12 +900,3 @@ class Connection:
             self._held = None
         self._events.append(peer)
 
-
-def default_is_internal(prefixes: tuple[str, ...]) -> Callable[[Any], bool]:
-    """A predicate for "this value goes to the internal path" (for tests)."""
-
-    def check(value: Any) -> bool:
-        cmd = value.get("cmd") if type(value) is dict else None
-        return type(cmd) is str and cmd.startswith(prefixes)
-
-    return check

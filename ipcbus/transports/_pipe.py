@@ -367,14 +367,32 @@ def pipe_pair(*, inheritable_second: bool = False) -> tuple[int, int]:
     return server, client
 
 
-class _PeerPid:
-    """Where a pipe stream learns the peer's pid: given (pair, fork), the
-    handshake (the core a channel binds), or the kernel."""
+class _PipeEnd:
+    """What both pipe streams share: the handle, the record reader, and where
+    the peer's pid comes from: given (pair, fork), the handshake (the core a
+    channel binds), or the kernel."""
 
-    _h: int
-    _server_end: bool
-    _peer_pid: int | None
     _core: Any = None
+    transport_name: str
+
+    def __init__(
+        self,
+        handle: int,
+        *,
+        name: str = "pipe",
+        trusted: bool = False,
+        peer_pid: int | None = None,
+        server_end: bool = False,
+    ) -> None:
+        _need_windows()
+        self._h = handle
+        self.transport_name = name
+        self.trusted = trusted
+        self._peer_pid = peer_pid
+        self._server_end = server_end
+        self._reader = RecordReader()
+        self._eof = False
+        self._closed = False
 
     def bind_core(self, core: Any) -> None:
         """Called by the channel: the peer's hello names its pid."""
@@ -390,7 +408,7 @@ class _PeerPid:
         return _os_peer_pid(self._h, self._server_end)
 
     def describe_peer(self) -> str:
-        return f"{self.transport_name} (pid {self.peer_pid})"  # type: ignore[attr-defined]
+        return f"{self.transport_name} (pid {self.peer_pid})"
 
 
 # ------------------------------------------------------------- blocking side
@@ -442,35 +460,19 @@ def _issue_write(winapi: Any, handle: int, buf: bytes) -> tuple[Any, int]:
     return _write_issuer.issue(winapi, handle, buf)
 
 
-class PipeStream(_PeerPid, Stream):
+class PipeStream(_PipeEnd, Stream):
     """A connected pipe handle, blocking (overlapped I/O under the hood)."""
 
     can_send_handles = True
 
-    def __init__(
-        self,
-        handle: int,
-        *,
-        name: str = "pipe",
-        trusted: bool = False,
-        peer_pid: int | None = None,
-        server_end: bool = False,
-    ) -> None:
-        _need_windows()
+    def __init__(self, handle: int, **options: Any) -> None:
+        super().__init__(handle, **options)
         import _winapi
 
         self._winapi = _winapi
-        self._h = handle
-        self.transport_name = name
-        self.trusted = trusted
-        self._peer_pid = peer_pid
-        self._server_end = server_end
-        self._reader = RecordReader()
         self._rov: Any = None  # a read left pending by a timeout
         self._wov: Any = None  # a write left pending by block=False
         self._wdata: bytes | None = None  # its data bytes (without the records' framing)
-        self._eof = False
-        self._closed = False
         self._close_lock = threading.Lock()
 
     def _wait(self, event: int, timeout: float | None) -> bool:
@@ -706,32 +708,16 @@ class PipeListener(Listener):
 # ----------------------------------------------------------------- trio side
 
 
-class AsyncPipeStream(_PeerPid, AsyncStream):
+class AsyncPipeStream(_PipeEnd, AsyncStream):
     """A connected pipe handle driven by trio's IOCP loop."""
 
     can_send_handles = True
 
-    def __init__(
-        self,
-        handle: int,
-        *,
-        name: str = "pipe",
-        trusted: bool = False,
-        peer_pid: int | None = None,
-        server_end: bool = False,
-    ) -> None:
-        _need_windows()
+    def __init__(self, handle: int, **options: Any) -> None:
+        super().__init__(handle, **options)
         import trio
 
         self._trio = trio
-        self._h = handle
-        self.transport_name = name
-        self.trusted = trusted
-        self._peer_pid = peer_pid
-        self._server_end = server_end
-        self._reader = RecordReader()
-        self._eof = False
-        self._closed = False
         trio.lowlevel.register_with_iocp(handle)
 
     async def send(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> int:
