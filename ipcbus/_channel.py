@@ -42,6 +42,7 @@ from ._frontend import (
 )
 from ._handles import close_fds
 from ._message import Message
+from ._protocol import _OPEN as _CORE_OPEN
 from ._protocol import (
     NEED_DATA,
     SCM_MAX_FD,
@@ -84,6 +85,10 @@ HANDLE_FLUSH_AT = 64
 # own fds: it already fills much of a sendmsg, and duplicating each fd would
 # cost two system calls per fd. So is a lone handle message (nothing to batch).
 DUP_HANDLES_MAX = 4
+# A burst's messages of at most QUICK_MAX bytes are collected in a list and
+# go to the core QUICK_COUNT at a time: one BATCH frame (<= 64 KiB), one write.
+QUICK_MAX = 256
+QUICK_COUNT = 256
 # Acknowledgements are left for the flusher thread (coalesced) until this
 # many bytes of them are queued.
 ACK_WRITE_AT = 4096
@@ -120,9 +125,23 @@ class Channel(FrontendState):
         self._lock_acquire = self._lock.acquire
         self._lock_release = self._lock.release
         self._wlock = threading.Lock()  # one writer at a time (held while writing)
+        self._wlock_acquire = self._wlock.acquire
+        self._wlock_release = self._wlock.release
         self._rlock = threading.Lock()  # one reader at a time (held while reading)
+        self._rlock_acquire = self._rlock.acquire
+        self._rlock_release = self._rlock.release
+        # recv's round-trip path: a native core, no heartbeat deadlines.
+        self._simple_read = type(core) is Connection and heartbeat is None
         self._partial: tuple[memoryview, list[int]] | None = None
         self._last_write = 0.0
+        # Set by a read that returned data, cleared by a write: a send that
+        # follows a read is a reply (or the next request) and goes out at
+        # once, however soon after the last write it comes.
+        self._read_since_write = False
+        # A burst's small messages (see send); only for a native core whose
+        # codec batches.
+        self._quick: list[bytes] = []
+        self._quick_ok = type(core) is Connection and getattr(core.codec, "decode_batch", None) is not None
         self._scheduled = False
         self._handle_sends = 0
         self._ack_mark = -1  # output_size when only acknowledgements were queued
@@ -211,36 +230,30 @@ class Channel(FrontendState):
         HandleError (an object that is not a handle, or a channel that cannot
         carry handles), ChannelClosed, or the channel's earlier error.
         """
-        if self._closed:
-            raise ChannelClosed("send on a closed channel")
         if handle is None and handles is None:
             try:
                 payload = self._encode(data)
             except (TypeError, ValueError, OverflowError) as exc:
                 raise encode_error(self._core.codec, data, exc) from exc
-            if len(payload) >= DIRECT_WRITE and self._send_parts is not None and self._send_direct(payload):
+            # The burst path: once a burst has begun, a small message only
+            # joins the burst's list (list.append needs no lock); the list
+            # goes to the core, in order, before anything else is queued or
+            # written (_settle).
+            quick = self._quick
+            if quick and len(payload) <= QUICK_MAX:
+                quick.append(payload)
+                if len(quick) >= QUICK_COUNT:
+                    self._quick_full()
                 return
-            # acquire/release rather than `with`: half the cost on this path.
-            self._lock_acquire()
-            try:
-                before = self._core.send_encoded(payload)
-            finally:
-                self._lock_release()
-            if before == 0:
-                if _monotonic() - self._last_write >= LONE_SEND_GAP:
-                    self._flush_nowait()  # a lone send (ping-pong, a request): out now
-                elif not self._scheduled:
-                    # A burst has begun: the flusher writes its tail if the
-                    # sender stops before FLUSH_AT, recv, flush or close do.
-                    self._scheduled = True
-                    _flusher.schedule(self)
-            elif before >= FLUSH_AT:
-                self.flush()
+            self._send_plain(payload)
             return
+        if self._closed:
+            raise ChannelClosed("send on a closed channel")
         described, multi, release = self._prepare_handles(handle, handles, keep_open)
         owns = self._owns_fds
         if owns and len(described) <= DUP_HANDLES_MAX and (
-            self._core.output_size or self._partial is not None or _monotonic() - self._last_write < LONE_SEND_GAP
+            self._quick or self._core.output_size or self._partial is not None
+            or _monotonic() - self._last_write < LONE_SEND_GAP
         ):
             self._send_owned(data, described, multi, release)
             return
@@ -261,6 +274,8 @@ class Channel(FrontendState):
                     borrowed[fd] = borrowed.get(fd, 0) + 1
         try:
             with self._lock:
+                if self._quick:
+                    self._settle()
                 self._core.send(data, described, multi=multi, release=release)
             self.flush()
         finally:
@@ -278,6 +293,101 @@ class Channel(FrontendState):
         if getattr(self._core, "awaiting_ack", False):
             self._wait_handle_answer()
 
+    def _send_plain(self, payload: bytes) -> None:
+        if self._closed:
+            raise ChannelClosed("send on a closed channel")
+        if len(payload) >= DIRECT_WRITE and self._send_parts is not None and self._send_direct(payload):
+            return
+        # A send right after a read is a reply (or the next request), and a
+        # send after an idle gap is lone: either goes out at once. Sends
+        # closer together than that are a burst, written in batches.
+        lone = self._read_since_write or _monotonic() - self._last_write >= LONE_SEND_GAP
+        if lone and not self._quick and self._partial is None and self._write_lone(payload):
+            return
+        if not lone and self._quick_ok and len(payload) <= QUICK_MAX:
+            self._core.check_can_send()
+            self._quick.append(payload)
+            if not self._scheduled:
+                # The flusher writes the burst's tail if the sender stops
+                # before QUICK_COUNT, recv, flush or close do.
+                self._scheduled = True
+                _flusher.schedule(self)
+            return
+        self._lock_acquire()
+        try:
+            if self._quick:
+                self._settle()
+            before = self._core.send_encoded(payload)
+        finally:
+            self._lock_release()
+        if before >= FLUSH_AT:
+            self.flush()
+        elif lone:
+            self._flush_nowait()  # with whatever a finished burst left queued
+        elif not self._scheduled:
+            self._scheduled = True
+            _flusher.schedule(self)
+
+    def _write_lone(self, payload: bytes) -> bool:
+        # Nothing of ours is queued: write header and payload in one
+        # non-blocking send, past the core's queue. False (nothing done) if
+        # the core has output or holds frames, or another thread is writing.
+        if self._send_parts is None or not self._wlock_acquire(False):
+            return False
+        try:
+            if self._partial is not None:
+                return False
+            self._lock_acquire()
+            try:
+                header = self._core.direct_header(len(payload))
+            finally:
+                self._lock_release()
+            if header is None:
+                return False
+            frame = header + payload
+            try:
+                n = self._stream.send(frame, (), block=False)
+            except ChannelClosed as exc:
+                self._sending_failed(exc)
+                raise
+            except IPCError as exc:
+                self._fail(exc)
+                raise
+            self._last_write = _monotonic()
+            self._read_since_write = False
+            if n < len(frame):
+                # The peer is not reading: the rest is the next write's first
+                # job, which the flusher does if nobody else comes first.
+                self._partial = (memoryview(frame)[n:], [])
+                if not self._scheduled:
+                    self._scheduled = True
+                    _flusher.schedule(self)
+            return True
+        finally:
+            self._wlock_release()
+
+    def _quick_full(self) -> None:
+        with self._lock:
+            self._settle()
+            size = self._core.output_size
+        if size >= FLUSH_AT:
+            self.flush()  # backpressure: the peer is not keeping up
+        else:
+            self._flush_nowait()
+
+    def _settle(self) -> None:
+        # Called with _lock held: hand the burst list to the core. Taken
+        # with a copy and a slice deletion (each one step under the GIL), so
+        # that a send appending meanwhile from another thread is kept.
+        quick = self._quick
+        items = quick[:]
+        del quick[: len(items)]
+        if items:
+            try:
+                self._core.send_encoded_many(items)
+            except IPCError:
+                pass  # the channel failed: the next send raises its error
+
     def _send_owned(self, data: Any, described: list[tuple[bytes, int]], multi: bool, release: Any) -> None:
         # The caller may close its copies as soon as send returns, so the
         # queued message carries duplicates; _write_out closes them once
@@ -292,6 +402,8 @@ class Channel(FrontendState):
         core = self._core
         self._lock_acquire()
         try:
+            if self._quick:
+                self._settle()
             before = core.output_size
             core.send(data, dups, multi=multi, release=release)
             queued_fds = core.queued_fds
@@ -387,6 +499,8 @@ class Channel(FrontendState):
         with self._wlock:
             self._write_out(None)
             with self._lock:
+                if self._quick:
+                    self._settle()
                 header = self._core.direct_header(len(payload))
             if header is None:
                 return False
@@ -407,6 +521,7 @@ class Channel(FrontendState):
                 self._fail(exc)
                 raise
             self._last_write = _monotonic()
+            self._read_since_write = False
         return True
 
     def _write_some(self) -> bool:
@@ -433,6 +548,8 @@ class Channel(FrontendState):
         while True:
             if self._partial is None:
                 with self._lock:
+                    if self._quick:
+                        self._settle()
                     seg = self._core.take_output()
                 if seg is None:
                     return True
@@ -472,6 +589,7 @@ class Channel(FrontendState):
                 fds = []
                 view = view[n:]
                 self._last_write = _monotonic()
+                self._read_since_write = False
 
     def _sending_failed(self, exc: ChannelClosed) -> None:
         # The peer stopped reading (EPIPE, reset). Later sends raise
@@ -485,6 +603,7 @@ class Channel(FrontendState):
     def _drop_output(self) -> None:
         # Called with _lock held: nothing queued will be written; close the
         # duplicated fds it carries.
+        self._quick.clear()
         while (seg := self._core.take_output()) is not None:
             self._close_owned(seg[1])
         partial, self._partial = self._partial, None
@@ -519,7 +638,7 @@ class Channel(FrontendState):
             core = self._core
             # Before the handshake a ping would sit between the peer's hello
             # and its proof; with output still unwritten, a ping adds nothing.
-            if not core.established or core.has_output() or self._partial is not None:
+            if not core.established or self._quick or core.has_output() or self._partial is not None:
                 return True
             try:
                 core.send_ping()
@@ -543,8 +662,19 @@ class Channel(FrontendState):
         a ProtocolError / HandleError / CodecError when the peer sent
         something invalid (the channel is then closed).
         """
-        events = self._core._events
-        if events:
+        core = self._core
+        lazy = core._lazy
+        if lazy is not None:
+            # Fast path: the next value of a batch being delivered (one step
+            # of C iterators; the core ends the batch in next_event below).
+            try:
+                for message in lazy:
+                    return message
+            except Exception as exc:  # the decoder's own exception types
+                with self._lock:
+                    core.batch_failed(exc)
+        elif core._events:
+            events = core._events
             # Fast path: a message already parsed. deque.popleft is atomic,
             # and the error (if any) is queued behind the events before it.
             try:
@@ -561,10 +691,49 @@ class Channel(FrontendState):
                         self._fail(exc)
                         raise
                 events.appendleft(ev)
+        elif (
+            timeout is None and self._simple_read and core._state is _CORE_OPEN and not self._closed
+            and self._rlock_acquire(False)
+        ):
+            # The round-trip path: nothing parsed is waiting and nothing of
+            # ours is queued, so one read, parsed, is the answer.
+            try:
+                if not (
+                    self._quick or self._partial is not None or core._out or core._pending or core._events
+                    or core._big is not None
+                ):
+                    try:
+                        data, fds = self._stream.receive(RECV_SIZE, SCM_MAX_FD, None)
+                    except ChannelClosed:
+                        data, fds = b"", []  # a reset is an end of stream
+                    except IPCError as exc:
+                        self._fail(exc)
+                        raise
+                    self._read_since_write = True
+                    self._lock_acquire()
+                    try:
+                        core.receive_data(data, fds)
+                    finally:
+                        self._lock_release()
+                    if core._out or core._pending:
+                        self._answer(0, True)
+                    events = core._events
+                    if events and core._lazy is None:
+                        try:
+                            ev = events.popleft()
+                        except IndexError:
+                            pass
+                        else:
+                            if type(ev) is Message:
+                                return ev
+                            events.appendleft(ev)
+            finally:
+                self._rlock_release()
         deadline = None if timeout is None else _monotonic() + timeout
-        core = self._core
         lock = self._lock
         with self._rlock:
+            if core._lazy is None and not core._events and core.state == "OPEN":
+                self._read(deadline)  # nothing parsed is waiting: read first
             while True:
                 try:
                     with lock:
@@ -602,28 +771,34 @@ class Channel(FrontendState):
     def _read(self, deadline: float | None) -> None:
         if self._closed:
             raise ChannelClosed("recv on a closed channel")
-        hs_deadline = None if self._core.established else self._handshake_deadline
-        pending = (self._core.has_output() and self._core.output_size != self._ack_mark) or self._partial is not None
-        if pending and self._write_error is None:
-            # A request must be out before we wait for its answer (queued
-            # acknowledgements alone can wait for the flusher).
-            until = deadline if hs_deadline is None else min(deadline or hs_deadline, hs_deadline)
-            self._drain_output(until)
-        timeout = None if deadline is None else max(0.0, deadline - _monotonic())
+        core = self._core
+        if self._quick or self._partial is not None or core.has_output():
+            self._flush_before_read(deadline)
         hs_limited = hb_limited = False
-        if hs_deadline is not None:
-            hs_left = max(0.0, hs_deadline - _monotonic())
-            if timeout is None or hs_left < timeout:
-                timeout, hs_limited = hs_left, True
-        elif self._heartbeat is not None:
-            # Data already waiting in the kernel counts: a timeout of 0 still
-            # reads it, so a late recv() does not mistake its own delay for
-            # a silent peer.
-            hb_left = max(0.0, self._last_rx + self._heartbeat - _monotonic())
-            if timeout is None or hb_left < timeout:
-                timeout, hb_limited = hb_left, True
+        if deadline is None and self._heartbeat is None and core.established:
+            timeout = None  # the common case: wait as long as it takes
+        else:
+            hs_deadline = None if core.established else self._handshake_deadline
+            timeout = None if deadline is None else max(0.0, deadline - _monotonic())
+            if hs_deadline is not None:
+                hs_left = max(0.0, hs_deadline - _monotonic())
+                if timeout is None or hs_left < timeout:
+                    timeout, hs_limited = hs_left, True
+            elif self._heartbeat is not None:
+                # Data already waiting in the kernel counts: a timeout of 0
+                # still reads it, so a late recv() does not mistake its own
+                # delay for a silent peer.
+                hb_left = max(0.0, self._last_rx + self._heartbeat - _monotonic())
+                if timeout is None or hb_left < timeout:
+                    timeout, hb_limited = hb_left, True
+        # The rest of a large frame is read straight into its buffer.
+        target = core.receive_buffer() if type(core) is Connection else None
         try:
-            data, fds = self._stream.receive(RECV_SIZE, SCM_MAX_FD, timeout)
+            if target is not None:
+                nbytes, fds = self._stream.receive_into(target, SCM_MAX_FD, timeout)
+                data = None
+            else:
+                data, fds = self._stream.receive(RECV_SIZE, SCM_MAX_FD, timeout)
         except TimeoutError:
             if hs_limited or hb_limited:
                 if hs_limited:
@@ -643,16 +818,28 @@ class Channel(FrontendState):
         except IPCError as exc:
             self._fail(exc)
             raise
-        self._last_rx = _monotonic()
+        if self._heartbeat is not None:
+            self._last_rx = _monotonic()
+        self._read_since_write = True
         with self._lock:
-            core = self._core
+            if self._quick:
+                self._settle()
             before = core.output_size
             was_open = core.state == "OPEN"
-            core.receive_data(data, fds)
-            has_output = core.has_output()
-            after = core.output_size
+            if data is None:
+                core.received_into(nbytes, fds)
+            else:
+                core.receive_data(data, fds)
+            if not core.has_output():
+                return  # nothing to answer (no acknowledgement, pong, hello)
+        self._answer(before, was_open)
+
+    def _answer(self, before: int, was_open: bool) -> None:
+        # A read left output in the core: acknowledgements, a pong, or the
+        # handshake's reply. ``before``: bytes queued before that read.
+        after = self._core.output_size
         acks_only = not before or before == self._ack_mark
-        if has_output and was_open and acks_only and self._partial is None and after < ACK_WRITE_AT:
+        if was_open and acks_only and self._partial is None and after < ACK_WRITE_AT:
             # Only acknowledgements (and pongs) are queued: leave them for the
             # flusher (well under a millisecond), so that a stream of handle
             # messages is acknowledged in a few writes, not one per message;
@@ -661,12 +848,26 @@ class Channel(FrontendState):
             if not self._scheduled:
                 self._scheduled = True
                 _flusher.schedule(self)
-        elif has_output:
+        else:
             # Handshake replies go out now, without waiting.
             try:
                 self._write_some()
             except (IPCError, TimeoutError):
                 pass
+
+    def _flush_before_read(self, deadline: float | None) -> None:
+        core = self._core
+        pending = (
+            bool(self._quick)
+            or (core.has_output() and core.output_size != self._ack_mark)
+            or self._partial is not None
+        )
+        if pending and self._write_error is None:
+            # A request must be out before we wait for its answer (queued
+            # acknowledgements alone can wait for the flusher).
+            hs_deadline = None if core.established else self._handshake_deadline
+            until = deadline if hs_deadline is None else min(deadline or hs_deadline, hs_deadline)
+            self._drain_output(until)
 
     def _drain_output(self, until: float | None) -> None:
         # Write what is queued without ever blocking on a peer that may itself
@@ -723,9 +924,19 @@ class Channel(FrontendState):
 
     def __iter__(self) -> Iterator[Message]:
         """Messages until the peer closes the channel (then the loop ends)."""
+        core = self._core
+        recv = self.recv
         while True:
+            lazy = core._lazy
+            if lazy is not None:
+                # A batch being delivered: straight from its C iterator.
+                try:
+                    yield from lazy
+                except Exception as exc:  # the decoder's own exception types
+                    with self._lock:
+                        core.batch_failed(exc)
             try:
-                yield self.recv()
+                yield recv()
             except ChannelClosed:
                 if self._closed and not self._read_eof:
                     raise

@@ -282,6 +282,9 @@ class NodeConnection:
     queued after it is held until Node acknowledges it (``awaiting_ack``).
     """
 
+    # Never a batch being delivered (the frontends read the native core's).
+    _lazy: Any = None
+
     internal_prefix = NODE_PREFIX
 
     def __init__(
@@ -519,6 +522,10 @@ class NodeConnection:
     def output_size(self) -> int:
         """Bytes ready to write (held messages are not counted)."""
         return self._out_size
+
+    def queued_segments(self) -> int:
+        """How many segments :meth:`take_output` has yet to return."""
+        return len(self._out)
 
     def has_output(self) -> bool:
         return bool(self._out)

@@ -19,9 +19,8 @@ import hashlib
 import hmac
 import struct
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
 from itertools import repeat
 from typing import Any
 
@@ -67,6 +66,11 @@ FRAME_BATCH = 3
 # A batch frame packs many plain messages of a self-delimiting codec; it is
 # capped below SEGMENT_TARGET so that a burst still leaves in early writes.
 BATCH_TARGET = 64 * 1024
+# A frame at least this large is gathered in a buffer of its own size (one
+# allocation; the frontend reads straight into it).
+BIG_FRAME = 256 * 1024
+# The largest such buffer a connection keeps for the next large frame.
+SPARE_MAX = 16 * 1024 * 1024
 # Messages larger than this are framed alone: batching them saves nothing.
 BATCH_MESSAGE_MAX = 16 * 1024
 # Every receiver accepts a frame of BATCH_TARGET bytes, so a sender can batch
@@ -151,8 +155,18 @@ class Closed:
 
 
 _CLOSED = Closed()
-_BATCH_PLACEHOLDER = bytes(FRAME.size)
-_new_message = partial(tuple.__new__, Message)
+_tuple_new = tuple.__new__  # Message(value, None) without its Python-level __new__
+
+
+class _LazyBatch:
+    """A batch frame queued behind other events, not decoded yet."""
+
+    __slots__ = ("size", "unpacker")
+
+    def __init__(self, unpacker: Any, size: int) -> None:
+        self.unpacker = unpacker
+        self.size = size
+
 
 # Connection states
 _HELLO = "HELLO"
@@ -218,10 +232,22 @@ class Connection:
         self._orphans: list[int] = []  # claimed by a frame that then failed
         self._consumed = 0  # stream offset of self._buf[0]
         self._events: deque[Any] = deque()
+        # The batch being delivered: an iterator of Messages decoded one at a
+        # time, as they are asked for (see _parse_batch); every event in
+        # _events comes after it.
+        self._lazy: Iterator[Message] | None = None
+        self._lazy_batch: _LazyBatch | None = None
         self._eof = False
         self._peer_hello: tuple[int, bytes] | None = None
         self._acks_due = 0
         self._run_end = -2  # chunk end of the fds the last handle frame claimed
+        # The payload of a large plain frame, gathered in a buffer of its
+        # own size (see receive_buffer), and how much of it has arrived.
+        self._big: memoryview | None = None
+        self._big_filled = 0
+        # The last such buffer, kept for the next large frame: a fresh one
+        # costs an allocation and a page fault per 4 KiB every time.
+        self._spare = bytearray()
 
         # sending
         self._out: deque[list[Any]] = deque()  # [bytearray, fds]
@@ -231,8 +257,13 @@ class Connection:
         self._hrun: list[Any] | None = None  # [segment, its length after the last handle frame]
         self.queued_fds = 0  # fds in segments not yet taken by take_output
         self._closed_for_sending = False
-        self._batch: list[Any] | None = None  # [segment buffer, header offset, length, more than one]
-        self._batch_limit = BATCH_TARGET if getattr(codec, "decode_batch", None) else 0
+        # Small plain messages of a self-delimiting codec are appended here
+        # and framed as one BATCH frame when anything else is queued or
+        # output is taken.
+        self._pending = bytearray()
+        self._pending_one = 0  # length of pending's first value
+        self._batchable = bool(getattr(codec, "decode_batch", None))
+        self.pending_limit = BATCH_MESSAGE_MAX if self._batchable and self._held is None else -1
         self._send_limit = max_message_size
         self._decode_batch = getattr(codec, "decode_batch", None)
         self._msgpack = type(codec) is MsgpackCodec
@@ -316,35 +347,45 @@ class Connection:
         """
         if self._error is not None or self._closed_for_sending:
             self._check_can_send()
-        before = self._out_size
-        batch = self._batch
+        pending = self._pending
+        size = len(pending)
+        before = self._out_size + size
         n = len(payload)
-        if batch is not None and batch[2] + n <= self._batch_limit:
-            batch[0] += payload
-            batch[2] += n
-            batch[3] = True
-            self._out_size = before + n
-            return before
-        if self._batch_limit and self._held is None and n <= BATCH_MESSAGE_MAX:
-            if n > self._send_limit:
-                raise CodecError(
-                    f"message of {n} bytes exceeds the max_message_size of {self._send_limit}"
-                )
-            self._close_batch()
-            out = self._out
-            if out and len(out[-1][0]) < SEGMENT_TARGET:
-                buf = out[-1][0]
-            else:
-                buf = bytearray()
-                out.append([buf, []])
-            offset = len(buf)
-            buf += _BATCH_PLACEHOLDER
-            buf += payload
-            self._batch = [buf, offset, n, False]
-            self._out_size = before + n + FRAME.size
+        if n <= self.pending_limit:
+            if size + n > BATCH_TARGET:
+                self._seal_pending()
+                size = 0
+            if not size:
+                self._pending_one = n
+            pending += payload
             return before
         self._queue_frame(FRAME_DATA, payload, (), False, None)
         return before
+
+    def send_encoded_many(self, payloads: list[bytes]) -> None:
+        """Queue several already-encoded plain messages, in order (a
+        frontend's burst). Those of a batching codec share BATCH frames
+        without being handled one by one here."""
+        if self._error is not None or self._closed_for_sending:
+            self._check_can_send()
+        body = b"".join(payloads) if len(payloads) > 1 else b""
+        if not body or self.pending_limit < 0 or len(body) > BATCH_TARGET or (
+            max(map(len, payloads)) > self.pending_limit
+        ):
+            for payload in payloads:
+                self.send_encoded(payload)
+            return
+        pending = self._pending
+        if len(pending) + len(body) > BATCH_TARGET:
+            self._seal_pending()
+        if not pending:
+            self._pending_one = -1  # more than one value: a BATCH frame
+        pending += body
+
+    def check_can_send(self) -> None:
+        """Raise the channel's error, or ChannelClosed once sending is over."""
+        if self._error is not None or self._closed_for_sending:
+            self._check_can_send()
 
     def direct_header(self, length: int) -> bytes | None:
         """Account for a plain DATA frame of ``length`` payload bytes that the
@@ -356,23 +397,34 @@ class Connection:
         """
         if self._error is not None or self._closed_for_sending:
             self._check_can_send()
-        if self._out or self._held is not None:
+        if self._out or self._pending or self._held is not None:
             return None
         limit = self.peer.peer_max_message_size if self.peer else self.max_message_size
         if length > limit:
             raise CodecError(f"message of {length} bytes exceeds the max_message_size of {limit}")
-        self._close_batch()
         self._hrun = None
         return FRAME.pack(length, FRAME_DATA, 0, 0)
 
-    def _close_batch(self) -> None:
-        batch = self._batch
-        if batch is not None:
-            # A batch of one is an ordinary DATA frame: the receiver decodes
-            # it without setting up a stream decoder (the ping-pong case).
-            ftype = FRAME_BATCH if batch[3] else FRAME_DATA
-            FRAME.pack_into(batch[0], batch[1], batch[2], ftype, 0, 0)
-            self._batch = None
+    def _seal_pending(self) -> None:
+        # Frame what pending holds, behind everything queued before it. One
+        # value goes out as an ordinary DATA frame: the receiver decodes it
+        # without setting up a stream decoder (the ping-pong case).
+        pending = self._pending
+        n = len(pending)
+        if not n:
+            return
+        header = FRAME.pack(n, FRAME_DATA if n == self._pending_one else FRAME_BATCH, 0, 0)
+        out = self._out
+        if out and len(out[-1][0]) < SEGMENT_TARGET:
+            buf = out[-1][0]
+            buf += header
+            buf += pending
+        else:
+            buf = bytearray(header)
+            buf += pending
+            out.append([buf, []])
+        self._out_size += n + FRAME.size
+        pending.clear()
 
     def _check_can_send(self) -> None:
         if self._error is not None:
@@ -391,7 +443,7 @@ class Connection:
         if handles:
             self._queue_handles(payload, handles, multi, release)
             return
-        self._close_batch()
+        self._seal_pending()
         length = len(payload)
         limit = self.peer.peer_max_message_size if self.peer else self.max_message_size
         if length > limit:
@@ -416,7 +468,7 @@ class Connection:
     def _queue_handles(
         self, payload: bytes, handles: Sequence[tuple[bytes, int]], multi: bool, release: Any
     ) -> None:
-        self._close_batch()
+        self._seal_pending()
         n = len(handles)
         length = len(payload) + n * HANDLE_DESCRIPTOR_SIZE + 1
         peer = self.peer
@@ -481,22 +533,30 @@ class Connection:
         The fds must be sent with the first byte of the bytes (one sendmsg);
         the rest may follow in later writes. None when nothing is queued.
         """
+        if self._pending:
+            self._seal_pending()
         if not self._out:
             return None
-        self._close_batch()
         seg = self._out.popleft()
         self._out_size -= len(seg[0])
         if seg[1]:
             self.queued_fds -= len(seg[1])
         return seg[0], seg[1]
 
+    def queued_segments(self) -> int:
+        """How many segments :meth:`take_output` has yet to return (what is
+        being batched is framed first, so the count is exact)."""
+        if self._pending:
+            self._seal_pending()
+        return len(self._out)
+
     @property
     def output_size(self) -> int:
         """Bytes queued and not yet taken by :meth:`take_output`."""
-        return self._out_size
+        return self._out_size + len(self._pending)
 
     def has_output(self) -> bool:
-        return bool(self._out)
+        return bool(self._out or self._pending)
 
     def take_unreleased(self) -> list[Any]:
         """Remove and return the release tokens of handle messages the peer
@@ -515,6 +575,30 @@ class Connection:
         """Feed bytes read from the transport, with the fds that came with
         them (in order). ``b""`` means EOF. Parsing happens here; errors are
         raised from :meth:`next_event`, in stream order."""
+        if not self._buf and not fds and self._state is _OPEN and len(data) > 8 and not self._fds and self._big is None:
+            # The ping-pong case: exactly one small plain frame, parsed from
+            # the read itself, without copying it into the buffer.
+            length, ftype, nh, reserved = FRAME.unpack_from(data)
+            if length + 8 == len(data) and not (ftype or nh or reserved) and length <= self.max_message_size:
+                try:
+                    # A slice of a small read costs less than a memoryview
+                    # (which the decoder then handles more slowly).
+                    value = self.codec.decode(data[8:] if length < 4096 else memoryview(data)[8:])
+                except CodecError as exc:
+                    self._fail(exc)
+                    return
+                self._consumed += length + 8
+                if type(value) is dict:
+                    cmd = value.get("cmd")
+                    if type(cmd) is str and cmd.startswith(self._prefixes):
+                        self._events.append(self._internal(value, [], False))
+                        return
+                self._events.append(_tuple_new(Message, (value, None)))
+                return
+        if self._big is not None and data and not self._eof:
+            data = self._fill_big(data)
+            if not data and not fds:
+                return
         if self._eof:
             if data or fds:
                 # Nothing can follow EOF; whatever fds came are not ours to keep.
@@ -535,11 +619,87 @@ class Connection:
             except (ProtocolError, HandleError, CodecError) as exc:
                 self._fail(exc)
 
+    def receive_buffer(self) -> memoryview | None:
+        """Where the next bytes from the transport may be read directly: the
+        rest of a large frame's payload, or None (use :meth:`receive_data`).
+        After reading into it, call :meth:`received_into`."""
+        if self._big is None or self._error is not None:
+            return None
+        return self._big[self._big_filled :]
+
+    def received_into(self, nbytes: int, fds: Sequence[int] = ()) -> None:
+        """``nbytes`` were read into the buffer :meth:`receive_buffer`
+        returned, with ``fds`` (0 bytes: EOF)."""
+        if not nbytes:
+            self.receive_data(b"", fds)
+            return
+        self._big_filled += nbytes
+        self._consumed += nbytes
+        if fds:
+            # No frame can claim them (a plain frame was being read): the
+            # next parse reports them.
+            self._fds.extend((fd, self._consumed) for fd in fds)
+        if self._big_filled == len(self._big or b""):
+            self._finish_big()
+            if self._error is None:
+                try:
+                    self._check_unclaimed()
+                except HandleError as exc:
+                    self._fail(exc)
+
+    def _fill_big(self, data: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
+        # Bytes of a large frame's payload arrived through receive_data:
+        # copy them in; return what follows the frame.
+        big = self._big
+        assert big is not None
+        filled = self._big_filled
+        take = min(len(data), len(big) - filled)
+        view = memoryview(data)
+        big[filled : filled + take] = view[:take]
+        self._big_filled = filled + take
+        self._consumed += take
+        if self._big_filled == len(big):
+            self._finish_big()
+        return view[take:] if take < len(data) else b""
+
+    def _finish_big(self) -> None:
+        big = self._big
+        self._big = None
+        self._big_filled = 0
+        if self._error is not None:
+            return
+        try:
+            value = self.codec.decode(big)
+        except CodecError as exc:
+            self._fail(exc)
+            return
+        if type(value) is dict:
+            cmd = value.get("cmd")
+            if type(cmd) is str and cmd.startswith(self._prefixes):
+                self._events.append(self._internal(value, [], False))
+                return
+        self._events.append(_tuple_new(Message, (value, None)))
+
     def next_event(self) -> Any:
         """The next event, or NEED_DATA. Raises the channel's error (sticky)
         once every event that came before it has been returned."""
-        if self._events:
-            return self._events.popleft()
+        events = self._events
+        while True:
+            if self._lazy is not None:
+                try:
+                    for message in self._lazy:
+                        return message
+                except Exception as exc:  # msgpack raises several unrelated types
+                    self.batch_failed(exc)
+                else:
+                    self._end_lazy()
+                continue
+            if not events:
+                break
+            ev = events.popleft()
+            if type(ev) is not _LazyBatch:
+                return ev
+            self._start_lazy(ev)
         if self._error is not None:
             raise self._error
         if self._state == _EOF:
@@ -552,8 +712,43 @@ class Connection:
 
     def fail_locally(self, exc: BaseException) -> None:
         """Put the connection in the error state (a frontend saw a fault)."""
+        self._lazy = self._lazy_batch = None  # nobody will ask for the rest
         if self._error is None:
             self._fail(exc)
+
+    def _start_lazy(self, batch: _LazyBatch) -> None:
+        self._lazy_batch = batch
+        self._lazy = map(tuple.__new__, repeat(Message), zip(batch.unpacker, repeat(None)))
+
+    def _end_lazy(self) -> None:
+        # Every value of the batch was delivered: it must have ended there.
+        batch = self._lazy_batch
+        self._lazy = self._lazy_batch = None
+        if batch is not None and batch.unpacker.tell() != batch.size:
+            self._batch_error(
+                CodecError(f"msgpack batch of {batch.size} bytes ends inside a value (at {batch.unpacker.tell()})")
+            )
+
+    def batch_failed(self, exc: BaseException) -> None:
+        """A value of the batch being delivered did not decode (a frontend
+        reading ``_lazy`` itself reports it here): the channel fails there."""
+        size = self._lazy_batch.size if self._lazy_batch is not None else 0
+        self._lazy = self._lazy_batch = None
+        self._batch_error(CodecError(f"undecodable msgpack batch ({size} bytes): {exc}"))
+
+    def _batch_error(self, exc: CodecError) -> None:
+        # The stream is broken inside the batch: what was parsed after it
+        # never happened, except acknowledgements of our own handles (their
+        # release is due whatever follows). Fds it carried are closed.
+        kept = []
+        for ev in self._events:
+            if type(ev) is HandlesReleased:
+                kept.append(ev)
+            elif type(ev) is RawMessage or type(ev) is InternalMessage:
+                self._orphans.extend(fd for _, fd in ev.handles)
+        self._events.clear()
+        self._events.extend(kept)
+        self._fail(exc)
 
     def unclaimed_fds(self) -> list[int]:
         """Remove and return every received fd no frame has claimed; the
@@ -591,6 +786,19 @@ class Connection:
                     )
                 end = pos + 8 + length
                 if end > total:
+                    if length >= BIG_FRAME and not (ftype or nh or reserved or self._fds):
+                        # A large plain frame: its payload is gathered in a
+                        # buffer of its own, which the frontend may read
+                        # into directly (receive_buffer), not by growing
+                        # and shifting this one.
+                        if not length <= len(self._spare) <= 2 * length:
+                            self._spare = bytearray(length if length <= SPARE_MAX else 0)
+                        big = memoryview(self._spare)[:length] if self._spare else memoryview(bytearray(length))
+                        have = total - pos - 8
+                        big[:have] = view[pos + 8 : total]
+                        self._big = big
+                        self._big_filled = have
+                        pos = total
                     break
                 if nh == 0 and ftype == FRAME_DATA and not reserved:
                     if self._fds:
@@ -602,7 +810,7 @@ class Connection:
                             events.append(self._internal(value, [], False))
                             pos = end
                             continue
-                    events.append(Message(value, None))
+                    events.append(_tuple_new(Message, (value, None)))
                 else:
                     self._parse_other(view, pos, length, ftype, nh, reserved)
                 pos = end
@@ -620,9 +828,10 @@ class Connection:
             self._send_control({"cmd": CONTROL_ACK, "n": self._acks_due})
             self._acks_due = 0
         if self._eof:
-            if buf:
+            if buf or self._big is not None:
                 raise ProtocolError(
-                    f"truncated frame: EOF after {len(buf)} bytes of an incomplete frame"
+                    f"truncated frame: EOF after {len(buf) + self._big_filled + (8 if self._big is not None else 0)}"
+                    " bytes of an incomplete frame"
                 )
             self._check_unclaimed()
             self._state = _EOF
@@ -714,7 +923,7 @@ class Connection:
             elif handles:
                 self._events.append(RawMessage(value, handles, multi))
             else:
-                self._events.append(Message(value, None))
+                self._events.append(_tuple_new(Message, (value, None)))
         elif ftype == FRAME_BATCH:
             self._parse_batch(self._buf[start:end] if self._msgpack else view[start:end])
         elif ftype == FRAME_CONTROL:
@@ -727,13 +936,21 @@ class Connection:
     def _parse_batch(self, payload: memoryview) -> None:
         if self._decode_batch is None:
             raise ProtocolError(f"batch frame, but the {self.codec.name} codec cannot batch")
-        values = self._decode_batch(payload)
         if self._msgpack and b"cmd" not in payload:
             # No value in this batch can have a "cmd" key (however msgpack
-            # encodes it, the key's bytes appear), so none is internal: wrap
-            # them all without a Python-level loop.
-            self._events.extend(map(_new_message, zip(values, repeat(None))))
+            # encodes it, the key's bytes appear), so none is internal: its
+            # values are decoded as they are asked for, so that a batch's
+            # worth of objects never lives at once (the cyclic GC would
+            # walk them over and over).
+            unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=max(len(payload), 1))
+            unpacker.feed(payload)
+            batch = _LazyBatch(unpacker, len(payload))
+            if self._lazy is None and not self._events:
+                self._start_lazy(batch)
+            else:
+                self._events.append(batch)
             return
+        values = self._decode_batch(payload)
         append = self._events.append
         prefixes = self._prefixes
         new = tuple.__new__
@@ -898,5 +1115,6 @@ class Connection:
                 self._out_size += len(seg[0])
                 self.queued_fds += len(seg[1])
             self._held = None
+            self.pending_limit = BATCH_MESSAGE_MAX if self._batchable else -1
         self._events.append(peer)
 

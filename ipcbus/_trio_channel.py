@@ -271,7 +271,7 @@ class AsyncChannel(FrontendState):
                 yielded = True
                 await self.wait_handshake()
             self._queue(data, handle, handles, keep_open)
-            target = self._segs_taken + len(self._core._out)
+            target = self._segs_taken + self._core.queued_segments()
             yielded = True
             await self._wait_written(target)
             if getattr(self._core, "awaiting_ack", False):
@@ -305,7 +305,7 @@ class AsyncChannel(FrontendState):
         yielded = False
         try:
             self._check_send()
-            target = self._segs_taken + len(self._core._out)
+            target = self._segs_taken + self._core.queued_segments()
             if self._segs_done < target:
                 yielded = True
                 await self._wait_written(target)
@@ -314,7 +314,7 @@ class AsyncChannel(FrontendState):
                 # the peer answers it; then it is written like the rest.
                 yielded = True
                 await self._wait_handle_answer()
-                await self._wait_written(self._segs_taken + len(self._core._out))
+                await self._wait_written(self._segs_taken + self._core.queued_segments())
         finally:
             if not yielded:
                 await _cancel_shielded_checkpoint()
@@ -653,7 +653,7 @@ class AsyncChannel(FrontendState):
         try:
             await _checkpoint_if_cancelled()
             if self._send_error is None:
-                target = self._segs_taken + len(self._core._out)
+                target = self._segs_taken + self._core.queued_segments()
                 await self._wait_written(target)
         except IPCError:
             pass  # the peer is gone: nothing more can be delivered

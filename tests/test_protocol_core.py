@@ -403,20 +403,24 @@ def test_auth_frame_after_the_handshake() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad, fds",
+    "bad, fds, good",
     [
-        (frame(FRAME_DATA, b"\xc1"), []),
-        (frame(FRAME_DATA, b"\x00" + DESC + b"\xc1", nh=1), [70]),
-        (frame(FRAME_BATCH, msgpack.packb(1) + b"\xc1"), []),
+        (frame(FRAME_DATA, b"\xc1"), [], []),
+        (frame(FRAME_DATA, b"\x00" + DESC + b"\xc1", nh=1), [70], []),
+        # A batch's values are decoded as they are asked for: those before
+        # the bad one are delivered, then the error.
+        (frame(FRAME_BATCH, msgpack.packb(1) + b"\xc1"), [], [1]),
     ],
     ids=["plain", "with-handle", "batch"],
 )
-def test_undecodable_payload_is_a_codec_error_in_stream_order(bad: bytes, fds: list[int]) -> None:
+def test_undecodable_payload_is_a_codec_error_in_stream_order(bad: bytes, fds: list[int], good: list[Any]) -> None:
     # Regression: with a good frame before it in the same chunk, the decoder's
     # exception kept a slice of the buffer alive and a BufferError came out.
     conn = opened()
     conn.receive_data(frame(FRAME_DATA, msgpack.packb("ok")) + bad, fds)
     assert conn.next_event() == Message("ok", None)
+    for value in good:
+        assert conn.next_event() == Message(value, None)
     with pytest.raises(CodecError, match="undecodable msgpack"):
         conn.next_event()
     assert conn.unclaimed_fds() == fds
@@ -580,6 +584,7 @@ def test_batch_frame_for_a_codec_that_cannot_batch() -> None:
 def test_batch_that_ends_inside_a_value() -> None:
     conn = opened()
     conn.receive_data(frame(FRAME_BATCH, msgpack.packb(1) + msgpack.packb("abcdef")[:-2]))
+    assert conn.next_event() == Message(1, None)  # decoded as asked for
     with pytest.raises(CodecError, match="ends inside a value"):
         conn.next_event()
 
@@ -979,3 +984,61 @@ def test_importing_the_core_loads_no_io_module() -> None:
     bad = {m for m in out if m.split(".")[0] in FORBIDDEN - {"os", "io", "threading"}}
     bad |= {m for m in out if m.split(".")[0].lstrip("_") in {"socket", "select", "posixsubprocess"}}
     assert not bad, bad
+
+
+# ------------------------------------------------------------- large frames
+
+
+def _big_stream() -> tuple[bytes, list[Any]]:
+    values = [b"x" * 300_000, 1, b"y" * 1_000_000, {"cmd": "IPCBUS_PING_IGNORED"}, b"z" * 400_000, 2]
+    return b"".join(frame(FRAME_DATA, msgpack.packb(v)) for v in values), values
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cuts=st.lists(st.integers(min_value=1, max_value=300_000), max_size=30), into=st.booleans())
+def test_large_frames_in_random_chunks_whether_fed_or_read_in_place(cuts: list[int], into: bool) -> None:
+    # A large frame's payload is gathered in a buffer of its own; a frontend
+    # may read into it (receive_buffer) or feed bytes: the events are the same.
+    stream, values = _big_stream()
+    conn = opened()
+    pos = 0
+    for cut in [*cuts, len(stream)]:
+        while pos < len(stream) and cut > 0:
+            target = conn.receive_buffer() if into else None
+            if target is not None:
+                n = min(cut, len(target), len(stream) - pos)
+                target[:n] = stream[pos : pos + n]
+                conn.received_into(n)
+            else:
+                n = min(cut, len(stream) - pos)
+                conn.receive_data(stream[pos : pos + n])
+            pos += n
+            cut -= n
+    got = drain(conn)
+    assert messages(got) == [v for v in values if not isinstance(v, dict)]
+    assert [ev.data for ev in got if isinstance(ev, InternalMessage)] == [values[3]]
+
+
+def test_eof_inside_a_large_frame_is_a_truncated_frame() -> None:
+    stream, _ = _big_stream()
+    conn = opened()
+    conn.receive_data(stream[:500_000])
+    assert messages(drain(conn)) == [b"x" * 300_000, 1]
+    assert conn.receive_buffer() is not None
+    conn.received_into(0)  # EOF read into the buffer
+    with pytest.raises(ProtocolError, match="truncated frame"):
+        conn.next_event()
+
+
+def test_fds_read_into_a_large_plain_frame_are_unclaimed() -> None:
+    stream, _ = _big_stream()
+    conn = opened()
+    conn.receive_data(stream[:320_000])  # inside the 1 MB frame
+    target = conn.receive_buffer()
+    assert target is not None
+    rest = stream[320_000 : 320_000 + len(target)]
+    target[: len(rest)] = rest
+    conn.received_into(len(rest), [77])
+    with pytest.raises(HandleError, match="no frame claiming"):
+        drain(conn)
+    assert 77 in conn.unclaimed_fds()

@@ -54,6 +54,15 @@ class Stream(ABC):
         caller, and are close-on-exec.
         """
 
+    def receive_into(self, buffer: memoryview, max_fds: int, timeout: float | None = None) -> tuple[int, list[int]]:
+        """Like :meth:`receive`, but into ``buffer``; returns (bytes read,
+        fds). 0 means EOF. The default copies from :meth:`receive`; a
+        stream that can read in place (large payloads: one copy less)
+        overrides it."""
+        data, fds = self.receive(len(buffer), max_fds, timeout)
+        buffer[: len(data)] = data
+        return len(data), fds
+
     @abstractmethod
     def close(self) -> None:
         """Close the stream (idempotent). The peer sees EOF."""
