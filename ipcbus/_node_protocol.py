@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from json import encoder as _json_encoder
 from typing import Any
@@ -159,6 +159,66 @@ def _has_bad_key(value: Any, depth: int = 0) -> bool:
     return False
 
 
+# The one JSON string encoder both paths use (CPython's C one when present):
+# the flat path must write strings byte for byte as the general path does.
+_encode_string = _json_encoder.c_encode_basestring or _json_encoder.py_encode_basestring
+_float_repr = float.__repr__
+# Dicts with at most this many keys get a flat encoder, and at most this many
+# shapes are remembered (further ones take the general path).
+_MAX_SHAPE_KEYS = 32
+_MAX_SHAPES = 256
+
+
+class _NotFlat(Exception):
+    pass
+
+
+def _scalar(item: Any) -> str:
+    # The rarer scalars of a flat dict (str and int are tested inline).
+    kind = type(item)
+    if kind is float:
+        if item - item == 0.0:
+            return _float_repr(item)
+        raise ValueError("NaN or Infinity")  # an error, not a change of shape
+    if kind is bool:
+        return "true" if item else "false"
+    if item is None:
+        return "null"
+    raise _NotFlat
+
+
+_FLAT_MAKERS: dict[int, Callable[..., Callable[[dict[str, Any]], bytes]]] = {}
+
+
+def _flat_encoder(pieces: tuple[str, ...]) -> Callable[[dict[str, Any]], bytes]:
+    """An encoder for dicts with one shape: ``pieces`` are what precedes each
+    value (``{"k0":``, ``,"k1":``, ...). It raises _NotFlat for a value that
+    is not a JSON scalar, and ValueError for NaN, Infinity, an int too long
+    for str() or a lone surrogate."""
+    # One f-string with the values unpacked into locals costs about a fifth
+    # less than a loop filling a %-template. The source depends only on the
+    # number of keys (the keys themselves are closure cells), so it is
+    # generated once per size, from no caller data.
+    n = len(pieces)
+    make = _FLAT_MAKERS.get(n)
+    if make is None:
+        body = "".join(
+            f"{{k{i}}}{{_e(v{i}) if type(v{i}) is str else str(v{i}) if type(v{i}) is int else _scalar(v{i})}}"
+            for i in range(n)
+        )
+        source = (
+            f"def make({', '.join(f'k{i}' for i in range(n))}):\n"
+            "    def encode(value):\n"
+            f"        {''.join(f'v{i}, ' for i in range(n))}= value.values()\n"
+            f"        return f'{body}}}}}'.encode()\n"
+            "    return encode\n"
+        )
+        namespace: dict[str, Any] = {"_e": _encode_string, "_scalar": _scalar}
+        exec(source, namespace)
+        make = _FLAT_MAKERS[n] = namespace["make"]
+    return make(*pieces)
+
+
 class NodeJSONCodec:
     """JSON exactly as Node's json mode reads and writes it (node-ipc.md §2.1).
 
@@ -166,6 +226,9 @@ class NodeJSONCodec:
     surrogates escaped as ``\\udXXX`` (what ``JSON.stringify`` sends), never
     a raw newline. Non-string keys, sets, bytes and other values JSON cannot
     carry are a CodecError. Decoding refuses NaN and Infinity.
+
+    A flat dict (string keys, JSON scalar values) whose keys come in an order
+    seen before takes a faster path that writes the same bytes.
     """
 
     name = "json"
@@ -185,10 +248,53 @@ class NodeJSONCodec:
             separators=(",", ":"), allow_nan=False, ensure_ascii=True, check_circular=False
         ).encode
         self._decode = json.JSONDecoder(parse_constant=_refuse_constant).decode
+        # Key tuple -> its flat encoder, or False for a shape left to the
+        # general path. Only tuples of exact str keys are stored, so a key
+        # that is not a str never matches one (only an object impersonating
+        # a str through __eq__ and __hash__ could).
+        self._shapes: dict[tuple[str, ...], Any] = {}
 
     def encode(self, value: Any) -> bytes:
-        # The hot path: a flat dict with string keys is checked inline, and
-        # only a dict with something to look into is walked.
+        # The hot path. For a small message the C encoder's per-call setup
+        # (and the checks around it) cost more than the values: a flat dict
+        # of a known shape is written by that shape's own encoder instead,
+        # in about 30% fewer instructions.
+        if type(value) is dict:
+            keys = tuple(value)
+            flat = self._shapes.get(keys)
+            if flat:
+                try:
+                    return flat(value)
+                except _NotFlat:
+                    # This shape also carries containers (or other values):
+                    # it takes the general path from now on, rather than
+                    # raising on the way there again and again.
+                    self._shapes[keys] = False
+                except ValueError:
+                    pass  # the general path reports it, or escapes the surrogate
+            elif flat is None:
+                payload = self._encode_any(value)
+                self._learn(keys, value)
+                return payload
+        return self._encode_any(value)
+
+    def _learn(self, keys: tuple[Any, ...], value: dict[Any, Any]) -> None:
+        # Called once value was encoded: its keys are all str instances.
+        shapes = self._shapes
+        if not keys or len(keys) > _MAX_SHAPE_KEYS or len(shapes) >= _MAX_SHAPES:
+            return
+        for key in keys:
+            if type(key) is not str:
+                return  # a str subclass: too rare to be worth a shape
+        if _CONTAINER_SET.isdisjoint(map(type, value.values())):
+            pieces = tuple(("," if i else "{") + _encode_string(key) + ":" for i, key in enumerate(keys))
+            shapes[keys] = _flat_encoder(pieces)
+        else:
+            shapes[keys] = False
+
+    def _encode_any(self, value: Any) -> bytes:
+        # A flat dict with string keys is checked inline, and only a dict
+        # with something to look into is walked.
         if type(value) is dict:
             for key, item in value.items():
                 if type(key) is not str or type(item) in _CONTAINER_SET:
@@ -435,26 +541,28 @@ class NodeConnection:
             self._check_size(n)
         before = self._out_size
         held = self._behind
-        if held is not None:
-            if held and not held[-1][1] and len(held[-1][0]) < SEGMENT_TARGET:
-                buf = held[-1][0]
-                buf += payload
-                buf += b"\n"
-            else:
-                buf = bytearray(payload)
-                buf += b"\n"
-                held.append([buf, [], None])
+        if held is None:
+            out = self._out
+            if out:
+                buf = out[-1][0]
+                if len(buf) < SEGMENT_TARGET:
+                    buf += payload
+                    buf.append(10)  # b"\n", a little cheaper than a second +=
+                    self._out_size = before + n + 1
+                    return before
+            buf = bytearray(payload)
+            buf.append(10)
+            out.append([buf, []])
+            self._out_size = before + n + 1
             return before
-        out = self._out
-        if out and len(out[-1][0]) < SEGMENT_TARGET:
-            buf = out[-1][0]
+        if held and not held[-1][1] and len(held[-1][0]) < SEGMENT_TARGET:
+            buf = held[-1][0]
             buf += payload
             buf += b"\n"
         else:
             buf = bytearray(payload)
             buf += b"\n"
-            out.append([buf, []])
-        self._out_size = before + n + 1
+            held.append([buf, [], None])
         return before
 
     def _send_exempt(self, line: bytes) -> None:

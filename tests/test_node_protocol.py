@@ -92,6 +92,62 @@ def test_NodeJSONCodec_refuses_what_JSON_cannot_carry(value: Any) -> None:
         NodeJSONCodec().encode(value)
 
 
+# Values that a flat dict (string keys, scalar values) may carry, and some
+# it may not; keys that need escaping (and a % that must stay literal).
+FLAT_VALUES: list[Any] = [
+    "plain", 'quote " backslash \\ newline \n tab \t nul \u0000 del \x7f', "é ß 中文 😀 \u2028\u2029",
+    "%s %d %%", "", 0, -(2**53) + 1, 10**40, 2.5, -0.0, 1e300, 5e-324, True, False, None,
+]
+FLAT_KEYS = ("op", 'k "%s" \n\u2028', "é")
+
+
+def test_NodeJSONCodec_flat_dicts_are_written_as_the_general_path_writes_them() -> None:
+    """A dict of a shape seen before takes the codec's flat path: the bytes
+    must be those of a codec that has never seen the shape."""
+    codec = NodeJSONCodec()
+    for value in FLAT_VALUES:
+        for other in (FLAT_VALUES[0], value, None):
+            message = dict(zip(FLAT_KEYS, (value, other, 1), strict=True))
+            expected = NodeJSONCodec().encode(message)
+            assert codec.encode(message) == expected
+            assert codec.encode(message) == expected
+            assert json.loads(expected) == message
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "\ud800",
+        "a\udfffb",
+        pytest.param(10**5000, id="int-over-the-digit-limit"),
+        float("nan"),
+        float("inf"),
+        [1, "x"],
+        {"k": "v"},
+        {1: "v"},
+        b"x",
+        1 + 2j,
+    ],
+)
+def test_NodeJSONCodec_flat_shape_with_other_values(value: Any) -> None:
+    """What a flat shape does not carry takes the general path: escaped,
+    written, or refused as the general path does, before and after."""
+    codec = NodeJSONCodec()
+    flat = {"a": 1, "b": "x"}
+    assert codec.encode(flat) == codec.encode(flat) == b'{"a":1,"b":"x"}'
+    message = {"a": value, "b": "x"}
+    try:
+        expected: Any = NodeJSONCodec().encode(message)
+    except CodecError:
+        expected = CodecError
+    if expected is CodecError:
+        with pytest.raises(CodecError):
+            codec.encode(message)
+    else:
+        assert codec.encode(message) == expected
+    assert codec.encode(flat) == b'{"a":1,"b":"x"}'
+
+
 def test_NodeJSONCodec_refuses_NaN_when_decoding() -> None:
     with pytest.raises(CodecError):
         NodeJSONCodec().decode(b"NaN")

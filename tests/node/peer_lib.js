@@ -43,6 +43,7 @@ function serve(channel, onExit) {
 
   const ops = {
     echo(msg) { send({echo: msg.data}); },
+    'echo-all'(msg) { send({echo: msg}); },
     stream(msg) {
       for (let i = 0; i < msg.n; i++) send({i, s: 'x\u2028y'});
       send({done: msg.n});

@@ -52,6 +52,34 @@ def messages(ch: ipcbus.Channel) -> None:
         assert expect(ch)["echo"] == value
 
 
+# Scalars a flat message (string keys, scalar values) carries; ints stay
+# within what a JavaScript number holds exactly.
+FLAT_VALUES: list[Any] = [
+    "plain",
+    'quote " backslash \\ newline \n tab \t nul \u0000 del \x7f',
+    "é ß 中文 😀 \u2028\u2029",
+    "%s %d %%",
+    "lone \ud800",
+    "",
+    0,
+    -(2**53) + 1,
+    2.5,
+    1e300,
+    True,
+    False,
+    None,
+]
+
+
+def flat_messages(ch: ipcbus.Channel) -> None:
+    """Messages of one flat shape: the codec writes all but the first by
+    its flat path. Node must read each as the value that was sent."""
+    for value in FLAT_VALUES:
+        message = {"op": "echo-all", "value": value, 'key "%s" \n\u2028': value}
+        ch.send(message)
+        assert expect(ch)["echo"] == message
+
+
 def stream_from_node(ch: ipcbus.Channel, n: int = 10_000) -> None:
     ch.send({"op": "stream", "n": n})
     for i in range(n):
@@ -224,6 +252,7 @@ ALL = {
     name: globals()[name]
     for name in [
         "messages",
+        "flat_messages",
         "stream_from_node",
         "stream_to_node",
         "internal",
