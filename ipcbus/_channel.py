@@ -138,10 +138,9 @@ class Channel(FrontendState):
         # follows a read is a reply (or the next request) and goes out at
         # once, however soon after the last write it comes.
         self._read_since_write = False
-        # A burst's small messages (see send); only for a native core whose
-        # codec batches.
+        # A burst's small messages (see send).
         self._quick: list[bytes] = []
-        self._quick_ok = type(core) is Connection and getattr(core.codec, "decode_batch", None) is not None
+        self._quick_ok = hasattr(core, "send_encoded_many")
         self._scheduled = False
         self._handle_sends = 0
         self._ack_mark = -1  # output_size when only acknowledgements were queued

@@ -565,6 +565,31 @@ class NodeConnection:
             held.append([buf, [], None])
         return before
 
+    def check_can_send(self) -> None:
+        """Raise the channel's error, or ChannelClosed once sending is over."""
+        if self._error is not None or self._closed_for_sending:
+            self._check_can_send()
+
+    def send_encoded_many(self, payloads: list[bytes]) -> None:
+        """Queue several messages already encoded with ``codec``, in order
+        (a frontend's burst): one join, not one call per message."""
+        if self._error is not None or self._closed_for_sending:
+            self._check_can_send()
+        if self._behind is not None or max(map(len, payloads), default=0) > self.max_message_size:
+            for payload in payloads:
+                self.send_encoded(payload)
+            return
+        body = b"\n".join(payloads)
+        out = self._out
+        if out and len(out[-1][0]) < SEGMENT_TARGET:
+            buf = out[-1][0]
+            buf += body
+        else:
+            buf = bytearray(body)
+            out.append([buf, []])
+        buf.append(10)
+        self._out_size += len(body) + 1
+
     def _send_exempt(self, line: bytes) -> None:
         # ACK and NACK never wait behind our own handle: holding them could
         # deadlock two senders (node-v0.x #7466, §3.3).
