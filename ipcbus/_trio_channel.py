@@ -39,6 +39,8 @@ from ._frontend import (
     RECV_SIZE,
     FrontendState,
     check_authentication,
+    encode_error,
+    fast_encoder,
     log_auth_failure,
     make_core,
     split_options,
@@ -109,6 +111,7 @@ class AsyncChannel(FrontendState):
         self._core = core
         self._name = stream.transport_name
         self._encode = core.codec.encode
+        self._fast_encode = fast_encoder(core.codec)
         self._high_water = HIGH_WATER
         self._closed = False
         self._read_eof = False
@@ -221,9 +224,20 @@ class AsyncChannel(FrontendState):
         """
         if self._closed or self._send_error is not None:
             self._check_send()
-        if self._core.output_size + self._partial_len >= self._high_water:
+        core = self._core
+        if core.output_size + self._partial_len >= self._high_water:
             self._kick()
             raise trio.WouldBlock
+        if handle is None and handles is None:
+            # _queue inlined: this is the bulk path.
+            try:
+                payload = self._fast_encode(data)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise encode_error(core.codec, data, exc) from exc
+            core.send_encoded(payload)
+            if self._wake:
+                self._wake.unpark_all()
+            return
         self._queue(data, handle, handles, keep_open)
 
     async def send(
@@ -410,6 +424,14 @@ class AsyncChannel(FrontendState):
         Raises ChannelClosed at the peer's EOF and the errors of ``recv``.
         """
         core = self._core
+        lazy = core._lazy
+        if lazy is not None:
+            # The next value of a batch being delivered (see Channel.recv).
+            try:
+                for message in lazy:
+                    return message
+            except Exception as exc:  # the decoder's own exception types
+                core.batch_failed(exc)
         while True:
             try:
                 ev = core.next_event()
