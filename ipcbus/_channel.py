@@ -430,9 +430,14 @@ class Channel(FrontendState):
             self._pump_acks()
 
     def _close_owned(self, fds: list[int]) -> None:
-        if fds and self._owns_fds:
+        if fds and self._owns_fds:  # (POSIX only: plain os.close)
             borrowed = self._borrowed
-            close_fds([fd for fd in fds if fd not in borrowed] if borrowed else fds)
+            for fd in fds:
+                if fd not in borrowed:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
 
     def _wait_handle_answer(self) -> None:
         # Node's protocol holds every later message until the peer answers a

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import repeat
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -120,11 +120,11 @@ class HandshakeComplete:
     authenticated: bool
 
 
-@dataclass(frozen=True, slots=True)
-class RawMessage:
+class RawMessage(NamedTuple):
     """A message that carried handles; the frontend turns ``handles``
     (descriptor bytes, fd) into objects. ``multi`` is true when the sender
-    passed a list of handles rather than one."""
+    passed a list of handles rather than one. (A named tuple: one is made
+    per handle received, and a frozen dataclass costs three times as much.)"""
 
     data: Any
     handles: list[tuple[bytes, int]]
@@ -336,7 +336,7 @@ class Connection:
         if not handles:
             self.send_encoded(payload)
             return
-        self._queue_frame(FRAME_DATA, payload, handles, multi, release)
+        self._queue_handles(payload, handles, multi, release)
 
     def send_encoded(self, payload: bytes) -> int:
         """Queue an already-encoded plain message (the hot path of send).
@@ -468,17 +468,18 @@ class Connection:
     def _queue_handles(
         self, payload: bytes, handles: Sequence[tuple[bytes, int]], multi: bool, release: Any
     ) -> None:
-        self._seal_pending()
+        if self._pending:
+            self._seal_pending()
         n = len(handles)
         length = len(payload) + n * HANDLE_DESCRIPTOR_SIZE + 1
         peer = self.peer
         limit = peer.peer_max_message_size if peer else self.max_message_size
-        if length > limit:
-            raise CodecError(f"message of {length} bytes exceeds the max_message_size of {limit}")
-        if not self.can_carry_handles or (peer is not None and not peer.peer_can_carry_handles):
+        if length > limit or n > self.max_handles or not self.handles_allowed:
+            if length > limit:
+                raise CodecError(f"message of {length} bytes exceeds the max_message_size of {limit}")
+            if n > self.max_handles:
+                raise HandleError(f"{n} handles in one message; the limit is {self.max_handles}")
             raise HandleError("this channel cannot carry handles")
-        if n > self.max_handles:
-            raise HandleError(f"{n} handles in one message; the limit is {self.max_handles}")
         if n == 1:
             descs, fd = handles[0]
             fds = [fd]
@@ -487,10 +488,7 @@ class Connection:
             fds = [fd for _, fd in handles]
         if len(descs) != n * HANDLE_DESCRIPTOR_SIZE:
             raise HandleError("malformed handle descriptors")
-        frame = bytearray(FRAME.pack(length, FRAME_DATA, n, 0))
-        frame += b"\x01" if multi else b"\x00"
-        frame += descs
-        frame += payload
+        frame = b"".join((FRAME.pack(length, FRAME_DATA, n, 0), b"\x01" if multi else b"\x00", descs, payload))
         # A handle frame starts its own segment, so that its fds ride on the
         # sendmsg that carries its first byte; handle frames queued right
         # behind it (nothing else in between, segment not yet taken) join
@@ -511,7 +509,7 @@ class Connection:
         else:
             run = None
         if run is None:
-            seg = [frame, fds]
+            seg = [bytearray(frame), fds]
             out.append(seg)
             self._hrun = [seg, len(frame)]
         if held is None:
@@ -884,7 +882,7 @@ class Connection:
                         if type(cmd) is str and cmd.startswith(self._prefixes):
                             self._events.append(self._internal(value, handles, view[start] == 1))
                             return
-                    self._events.append(RawMessage(value, handles, view[start] == 1))
+                    self._events.append(_tuple_new(RawMessage, (value, handles, view[start] == 1)))
                     return
         if reserved:
             raise ProtocolError(f"reserved header field is {reserved:#x}, must be 0")
