@@ -31,6 +31,8 @@ from ._errors import (
 )
 from ._frontend import (
     DEFAULT_HANDSHAKE_TIMEOUT,
+    QUICK_COUNT,
+    QUICK_MAX,
     RECV_SIZE,
     FrontendState,
     check_authentication,
@@ -85,10 +87,6 @@ HANDLE_FLUSH_AT = 64
 # own fds: it already fills much of a sendmsg, and duplicating each fd would
 # cost two system calls per fd. So is a lone handle message (nothing to batch).
 DUP_HANDLES_MAX = 4
-# A burst's messages of at most QUICK_MAX bytes are collected in a list and
-# go to the core QUICK_COUNT at a time: one BATCH frame (<= 64 KiB), one write.
-QUICK_MAX = 256
-QUICK_COUNT = 256
 # Acknowledgements are left for the flusher thread (coalesced) until this
 # many bytes of them are queued.
 ACK_WRITE_AT = 4096

@@ -36,6 +36,8 @@ from . import _heartbeat
 from ._errors import ChannelClosed, HandshakeError, HandshakeTimeout, HeartbeatTimeout, IPCError, TransportError
 from ._frontend import (
     DEFAULT_HANDSHAKE_TIMEOUT,
+    QUICK_COUNT,
+    QUICK_MAX,
     RECV_SIZE,
     FrontendState,
     check_authentication,
@@ -112,6 +114,10 @@ class AsyncChannel(FrontendState):
         self._name = stream.transport_name
         self._encode = core.codec.encode
         self._fast_encode = fast_encoder(core.codec)
+        # A burst's small messages, handed to the core QUICK_COUNT at a time
+        # or whenever anything else looks at its output (_settle).
+        self._quick: list[bytes] = []
+        self._quick_ok = hasattr(core, "send_encoded_many")
         self._high_water = HIGH_WATER
         self._closed = False
         self._read_eof = False
@@ -189,7 +195,22 @@ class AsyncChannel(FrontendState):
             raise self._send_error
 
     def _buffered(self) -> int:
+        self._settle()
         return self._core.output_size + self._partial_len
+
+    def _queued_segments(self) -> int:
+        self._settle()
+        return self._core.queued_segments()
+
+    def _settle(self) -> None:
+        quick = self._quick
+        if quick:
+            items = quick[:]
+            quick.clear()
+            try:
+                self._core.send_encoded_many(items)
+            except IPCError:
+                pass  # the channel failed: the next send raises its error
 
     def _kick(self) -> None:
         if self._wake:
@@ -197,6 +218,7 @@ class AsyncChannel(FrontendState):
 
     def _queue(self, data: Any, handle: Any, handles: Sequence[Any] | None, keep_open: bool) -> None:
         # Synchronous: a message is queued whole or (on an exception) not at all.
+        self._settle()
         if handle is None and handles is None:
             self._core.send_encoded(self._encode(data))
         else:
@@ -224,17 +246,35 @@ class AsyncChannel(FrontendState):
         """
         if self._closed or self._send_error is not None:
             self._check_send()
+        plain = handle is None and handles is None
+        quick = self._quick
+        if plain and quick:
+            # A burst in progress: the message joins its list (the high-water
+            # mark is checked when the list goes to the core).
+            try:
+                payload = self._fast_encode(data)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise encode_error(self._core.codec, data, exc) from exc
+            if len(payload) <= QUICK_MAX:
+                quick.append(payload)
+                if len(quick) >= QUICK_COUNT:
+                    self._settle()
+                return
+            self._settle()
         core = self._core
         if core.output_size + self._partial_len >= self._high_water:
             self._kick()
             raise trio.WouldBlock
-        if handle is None and handles is None:
+        if plain:
             # _queue inlined: this is the bulk path.
             try:
                 payload = self._fast_encode(data)
             except (TypeError, ValueError, OverflowError) as exc:
                 raise encode_error(core.codec, data, exc) from exc
-            core.send_encoded(payload)
+            if self._quick_ok and len(payload) <= QUICK_MAX:
+                quick.append(payload)
+            else:
+                core.send_encoded(payload)
             if self._wake:
                 self._wake.unpark_all()
             return
@@ -273,7 +313,7 @@ class AsyncChannel(FrontendState):
         yielded = False
         try:
             self._check_send()
-            if self._core.output_size + self._partial_len >= self._high_water:
+            if self._buffered() >= self._high_water:
                 yielded = True
                 await self._wait_room()
             if handle is None and handles is None:
@@ -285,7 +325,7 @@ class AsyncChannel(FrontendState):
                 yielded = True
                 await self.wait_handshake()
             self._queue(data, handle, handles, keep_open)
-            target = self._segs_taken + self._core.queued_segments()
+            target = self._segs_taken + self._queued_segments()
             yielded = True
             await self._wait_written(target)
             if getattr(self._core, "awaiting_ack", False):
@@ -296,7 +336,7 @@ class AsyncChannel(FrontendState):
                 await _cancel_shielded_checkpoint()
 
     async def _wait_room(self) -> None:
-        while self._core.output_size + self._partial_len >= self._high_water:
+        while self._buffered() >= self._high_water:
             self._check_send()
             self._kick()
             await self._progress.park()
@@ -319,7 +359,7 @@ class AsyncChannel(FrontendState):
         yielded = False
         try:
             self._check_send()
-            target = self._segs_taken + self._core.queued_segments()
+            target = self._segs_taken + self._queued_segments()
             if self._segs_done < target:
                 yielded = True
                 await self._wait_written(target)
@@ -328,7 +368,7 @@ class AsyncChannel(FrontendState):
                 # the peer answers it; then it is written like the rest.
                 yielded = True
                 await self._wait_handle_answer()
-                await self._wait_written(self._segs_taken + self._core.queued_segments())
+                await self._wait_written(self._segs_taken + self._queued_segments())
         finally:
             if not yielded:
                 await _cancel_shielded_checkpoint()
@@ -355,6 +395,7 @@ class AsyncChannel(FrontendState):
         while not self._closed:
             partial = self._partial
             if partial is None:
+                self._settle()
                 if not core.has_output():
                     return
                 if wrote and core.output_size < COALESCE_BYTES:
@@ -368,6 +409,7 @@ class AsyncChannel(FrontendState):
                         await _cancel_shielded_checkpoint()
                         if self._closed:
                             return
+                        self._settle()
                         if core.output_size >= COALESCE_BYTES:
                             break
                         if core.output_size == size:
@@ -376,6 +418,7 @@ class AsyncChannel(FrontendState):
                                 break
                         else:
                             still = 0
+                self._settle()
                 seg = core.take_output()
                 if seg is None:
                     return
@@ -585,7 +628,7 @@ class AsyncChannel(FrontendState):
         core = self._core
         # Before the handshake a ping would sit between the peer's hello and
         # its proof; with output still unwritten, a ping adds nothing.
-        if self._closed or not core.established or core.has_output() or self._partial is not None:
+        if self._closed or not core.established or self._quick or core.has_output() or self._partial is not None:
             return
         try:
             core.send_ping()
@@ -644,6 +687,7 @@ class AsyncChannel(FrontendState):
         self._teardown()
 
     def _teardown(self) -> None:
+        self._quick.clear()
         if self._closed:
             return
         self._closed = True
@@ -675,7 +719,7 @@ class AsyncChannel(FrontendState):
         try:
             await _checkpoint_if_cancelled()
             if self._send_error is None:
-                target = self._segs_taken + self._core.queued_segments()
+                target = self._segs_taken + self._queued_segments()
                 await self._wait_written(target)
         except IPCError:
             pass  # the peer is gone: nothing more can be delivered
