@@ -391,8 +391,12 @@ class Channel(FrontendState):
         # they are written, _teardown if they never are.
         dups: list[tuple[bytes, int]] = []
         try:
-            for desc, fd in described:
-                dups.append((desc, os.dup(fd)))
+            if len(described) == 1:
+                desc, fd = described[0]
+                dups = [(desc, os.dup(fd))]
+            else:
+                for desc, fd in described:
+                    dups.append((desc, os.dup(fd)))
         except OSError as exc:
             close_fds([fd for _, fd in dups])
             raise HandleError(f"cannot send fd {described[len(dups)][1]}: {exc.strerror}") from exc
@@ -410,8 +414,8 @@ class Channel(FrontendState):
         finally:
             self._lock_release()
         if (
-            (before == 0 and _monotonic() - self._last_write >= LONE_SEND_GAP)
-            or queued_fds >= HANDLE_FLUSH_AT
+            queued_fds >= HANDLE_FLUSH_AT
+            or (before == 0 and _monotonic() - self._last_write >= LONE_SEND_GAP)
             or before >= FLUSH_AT
         ):
             self.flush()  # a lone handle message goes out now, a burst in runs

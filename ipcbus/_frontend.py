@@ -236,9 +236,14 @@ class FrontendState:
     def _prepare_handles(
         self, handle: Any, handles: Sequence[Any] | None, keep_open: bool
     ) -> tuple[list[tuple[bytes, int]], bool, Any]:
-        if handle is not None and handles is not None:
+        if handles is None:
+            # One handle= (the common case), in fewer steps.
+            if not self._core.handles_allowed:
+                raise HandleError(f"the {self._name} transport cannot carry handles")
+            return [describe(handle)], False, None if keep_open else [handle]
+        if handle is not None:
             raise TypeError("pass handle= or handles=, not both")
-        objs = [handle] if handle is not None else list(handles or ())
+        objs = list(handles)
         if not objs:
             return [], False, None
         if not self._core.handles_allowed:

@@ -331,7 +331,8 @@ class Connection:
         value the codec refuses or a message over the peer's size limit,
         HandleError for handles the channel cannot carry.
         """
-        self._check_can_send()
+        if self._error is not None or self._closed_for_sending:
+            self._check_can_send()
         payload = self.codec.encode(data)
         if not handles:
             self.send_encoded(payload)
