@@ -344,11 +344,8 @@ class Channel(FrontendState):
             frame = header + payload
             try:
                 n = self._stream.send(frame, (), block=False)
-            except ChannelClosed as exc:
-                self._sending_failed(exc)
-                raise
             except IPCError as exc:
-                self._fail(exc)
+                self._write_failed(exc)
                 raise
             self._last_write = _monotonic()
             self._read_since_write = False
@@ -520,11 +517,8 @@ class Channel(FrontendState):
                         else:
                             parts[0] = parts[0][n:]
                             n = 0
-            except ChannelClosed as exc:
-                self._sending_failed(exc)
-                raise
             except IPCError as exc:
-                self._fail(exc)
+                self._write_failed(exc)
                 raise
             self._last_write = _monotonic()
             self._read_since_write = False
@@ -567,13 +561,9 @@ class Channel(FrontendState):
                 waiting = deadline is not None or not block
                 try:
                     n = stream.send(view, fds, block=not waiting)
-                except ChannelClosed as exc:
-                    self._close_owned(fds)
-                    self._sending_failed(exc)
-                    raise
                 except IPCError as exc:
                     self._close_owned(fds)
-                    self._fail(exc)
+                    self._write_failed(exc)
                     raise
                 if n == 0:
                     self._partial = (view, fds)
@@ -596,6 +586,12 @@ class Channel(FrontendState):
                 view = view[n:]
                 self._last_write = _monotonic()
                 self._read_since_write = False
+
+    def _write_failed(self, exc: IPCError) -> None:
+        if isinstance(exc, ChannelClosed):
+            self._sending_failed(exc)
+        else:
+            self._fail(exc)
 
     def _sending_failed(self, exc: ChannelClosed) -> None:
         # The peer stopped reading (EPIPE, reset). Later sends raise
@@ -680,23 +676,9 @@ class Channel(FrontendState):
                 with self._lock:
                     core.batch_failed(exc)
         elif core._events:
-            events = core._events
-            # Fast path: a message already parsed. deque.popleft is atomic,
-            # and the error (if any) is queued behind the events before it.
-            try:
-                ev = events.popleft()
-            except IndexError:
-                pass
-            else:
-                if type(ev) is Message:
-                    return ev
-                if type(ev) is RawMessage:
-                    try:  # ours now: restore it without the locks
-                        return self._restore(ev)
-                    except IPCError as exc:
-                        self._fail(exc)
-                        raise
-                events.appendleft(ev)
+            message = self._take_parsed()
+            if message is not None:
+                return message
         elif (
             timeout is None and self._simple_read and core._state is _CORE_OPEN and not self._closed
             and self._rlock_acquire(False)
@@ -723,16 +705,10 @@ class Channel(FrontendState):
                         self._lock_release()
                     if core._out or core._pending:
                         self._answer(0, True)
-                    events = core._events
-                    if events and core._lazy is None:
-                        try:
-                            ev = events.popleft()
-                        except IndexError:
-                            pass
-                        else:
-                            if type(ev) is Message:
-                                return ev
-                            events.appendleft(ev)
+                    if core._events and core._lazy is None:
+                        message = self._take_parsed()
+                        if message is not None:
+                            return message
             finally:
                 self._rlock_release()
         deadline = None if timeout is None else _monotonic() + timeout
@@ -755,6 +731,26 @@ class Channel(FrontendState):
                 result = self._handle_event(ev)
                 if result is not None:
                     return result
+
+    def _take_parsed(self) -> Message | None:
+        # A message already parsed, taken without the locks: deque.popleft
+        # is atomic, and the error (if any) is queued behind the events
+        # before it. None: the next event is something else (or none).
+        events = self._core._events
+        try:
+            ev = events.popleft()
+        except IndexError:
+            return None
+        if type(ev) is Message:
+            return ev
+        if type(ev) is RawMessage:
+            try:  # ours now: restore it without the locks
+                return self._restore(ev)
+            except IPCError as exc:
+                self._fail(exc)
+                raise
+        events.appendleft(ev)
+        return None
 
     def _handle_event(self, ev: Any) -> Message | None:
         if isinstance(ev, RawMessage):

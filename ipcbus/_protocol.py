@@ -579,20 +579,10 @@ class Connection:
             # the read itself, without copying it into the buffer.
             length, ftype, nh, reserved = FRAME.unpack_from(data)
             if length + 8 == len(data) and not (ftype or nh or reserved) and length <= self.max_message_size:
-                try:
-                    # A slice of a small read costs less than a memoryview
-                    # (which the decoder then handles more slowly).
-                    value = self.codec.decode(data[8:] if length < 4096 else memoryview(data)[8:])
-                except CodecError as exc:
-                    self._fail(exc)
-                    return
                 self._consumed += length + 8
-                if type(value) is dict:
-                    cmd = value.get("cmd")
-                    if type(cmd) is str and cmd.startswith(self._prefixes):
-                        self._events.append(self._internal(value, [], False))
-                        return
-                self._events.append(_tuple_new(Message, (value, None)))
+                # A slice of a small read costs less than a memoryview
+                # (which the decoder then handles more slowly).
+                self._deliver_plain(data[8:] if length < 4096 else memoryview(data)[8:])
                 return
         if self._big is not None and data and not self._eof:
             data = self._fill_big(data)
@@ -665,10 +655,14 @@ class Connection:
         big = self._big
         self._big = None
         self._big_filled = 0
-        if self._error is not None:
-            return
+        if self._error is None:
+            self._deliver_plain(big)
+
+    def _deliver_plain(self, payload: bytes | bytearray | memoryview) -> None:
+        # A whole plain frame's payload, outside _parse's loop: decode it and
+        # route it (or fail the connection, as _parse would).
         try:
-            value = self.codec.decode(big)
+            value = self.codec.decode(payload)
         except CodecError as exc:
             self._fail(exc)
             return
