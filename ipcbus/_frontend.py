@@ -50,7 +50,9 @@ RECV_SIZE = 256 * 1024
 # A burst's messages of at most QUICK_MAX bytes are collected in a list and
 # go to the core QUICK_COUNT at a time: one BATCH frame (<= 64 KiB), one write.
 QUICK_MAX = 256
-QUICK_COUNT = 256
+QUICK_COUNT = 1024
+# The trio writer task coalesces on its own: smaller lists keep its rounds short.
+TRIO_QUICK_COUNT = 256
 
 
 def fast_encoder(codec: Codec) -> Callable[[Any], bytes]:

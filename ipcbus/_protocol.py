@@ -18,10 +18,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import accumulate, repeat
 from typing import Any, NamedTuple
 
 import msgpack
@@ -369,19 +370,30 @@ class Connection:
         without being handled one by one here."""
         if self._error is not None or self._closed_for_sending:
             self._check_can_send()
-        body = b"".join(payloads) if len(payloads) > 1 else b""
-        if not body or self.pending_limit < 0 or len(body) > BATCH_TARGET or (
-            max(map(len, payloads)) > self.pending_limit
-        ):
+        if len(payloads) < 2 or self.pending_limit < 0 or max(map(len, payloads)) > self.pending_limit:
             for payload in payloads:
                 self.send_encoded(payload)
             return
         pending = self._pending
-        if len(pending) + len(body) > BATCH_TARGET:
+        ends = list(accumulate(map(len, payloads)))
+        if len(pending) + ends[-1] <= BATCH_TARGET:
+            if not pending:
+                self._pending_one = -1  # more than one value: a BATCH frame
+            pending += b"".join(payloads)
+            return
+        # More than one batch holds: cut at value boundaries, BATCH_TARGET
+        # bytes at most per frame (bisect over the running sizes).
+        if pending:
             self._seal_pending()
-        if not pending:
-            self._pending_one = -1  # more than one value: a BATCH frame
-        pending += body
+        start = 0
+        while start < len(payloads):
+            base = ends[start - 1] if start else 0
+            stop = max(bisect_right(ends, base + BATCH_TARGET), start + 1)
+            pending += b"".join(payloads[start:stop])
+            self._pending_one = len(pending) if stop - start == 1 else -1
+            start = stop
+            if start < len(payloads):
+                self._seal_pending()
 
     def check_can_send(self) -> None:
         """Raise the channel's error, or ChannelClosed once sending is over."""

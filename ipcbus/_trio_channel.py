@@ -36,9 +36,9 @@ from . import _heartbeat
 from ._errors import ChannelClosed, HandshakeError, HandshakeTimeout, HeartbeatTimeout, IPCError, TransportError
 from ._frontend import (
     DEFAULT_HANDSHAKE_TIMEOUT,
-    QUICK_COUNT,
     QUICK_MAX,
     RECV_SIZE,
+    TRIO_QUICK_COUNT,
     FrontendState,
     check_authentication,
     encode_error,
@@ -114,7 +114,7 @@ class AsyncChannel(FrontendState):
         self._name = stream.transport_name
         self._encode = core.codec.encode
         self._fast_encode = fast_encoder(core.codec)
-        # A burst's small messages, handed to the core QUICK_COUNT at a time
+        # A burst's small messages, handed to the core TRIO_QUICK_COUNT at a time
         # or whenever anything else looks at its output (_settle).
         self._quick: list[bytes] = []
         self._quick_ok = hasattr(core, "send_encoded_many")
@@ -257,7 +257,7 @@ class AsyncChannel(FrontendState):
                 raise encode_error(self._core.codec, data, exc) from exc
             if len(payload) <= QUICK_MAX:
                 quick.append(payload)
-                if len(quick) >= QUICK_COUNT:
+                if len(quick) >= TRIO_QUICK_COUNT:
                     self._settle()
                 return
             self._settle()

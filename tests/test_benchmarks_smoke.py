@@ -1,6 +1,6 @@
-"""Smoke test of benchmarks/bench_messages.py: it runs end to end with tiny
-counts and prints its table. No timing is asserted; the figures of a smoke
-run mean nothing."""
+"""Smoke tests of benchmarks/bench_messages.py (end to end with tiny counts)
+and benchmarks/hotpath.py: they run and print their tables. No timing is
+asserted; the figures of a smoke run mean nothing."""
 
 from __future__ import annotations
 
@@ -66,3 +66,16 @@ def test_bench_messages_rejects_unknown_contender() -> None:
     proc = run_bench("--quick", "--contenders", "nosuch")
     assert proc.returncode == 2
     assert "unknown contenders" in proc.stderr
+
+
+def test_hotpath_counts_every_path() -> None:
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "hotpath.py")],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout
+    rows = {line[:28].strip(): float(line[28:]) for line in out.splitlines()[1:]}
+    assert set(rows) == {
+        "send, lone (a reply)", "send, in a burst", "recv, round trip",
+        "send, handle= in a burst", "recv, handle=",
+    }
+    assert all(n > 0 for n in rows.values())

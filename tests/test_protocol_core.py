@@ -1042,3 +1042,20 @@ def test_fds_read_into_a_large_plain_frame_are_unclaimed() -> None:
     with pytest.raises(HandleError, match="no frame claiming"):
         drain(conn)
     assert 77 in conn.unclaimed_fds()
+
+
+def test_send_encoded_many_cuts_batches_at_value_boundaries() -> None:
+    a, b = connected()
+    values = [{"i": i, "pad": "x" * (i % 200)} for i in range(3000)]
+    a.send_encoded(msgpack.packb("first"))
+    a.send_encoded_many([msgpack.packb(v) for v in values])
+    a.send_encoded_many([msgpack.packb("one")])
+    stream = b"".join(data for data, _ in output(a))
+    lengths, pos = [], 0
+    while pos < len(stream):
+        length = FRAME.unpack_from(stream, pos)[0]
+        lengths.append(length)
+        pos += FRAME.size + length
+    assert len(lengths) >= 5 and max(lengths) <= _protocol.BATCH_TARGET
+    b.receive_data(stream)
+    assert messages(drain(b)) == ["first", *values, "one"]
