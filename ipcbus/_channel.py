@@ -334,11 +334,11 @@ class Channel(FrontendState):
         try:
             if self._partial is not None:
                 return False
-            self._lock_acquire()
-            try:
-                header = self._core.direct_header(len(payload))
-            finally:
-                self._lock_release()
+            # Without the core's lock: direct_header only reads the core and
+            # forgets the last handle run. A frame another thread queues
+            # meanwhile goes out after ours (sends from two threads have no
+            # order), and a run it starts merely ends early.
+            header = self._core.direct_header(len(payload))
             if header is None:
                 return False
             frame = header + payload
@@ -700,9 +700,11 @@ class Channel(FrontendState):
                     self._read_since_write = True
                     self._lock_acquire()
                     try:
-                        core.receive_data(data, fds)
+                        message = core.receive_one(data, fds)
                     finally:
                         self._lock_release()
+                    if message is not None:
+                        return message  # (a plain frame: nothing to answer)
                     if core._out or core._pending:
                         self._answer(0, True)
                     if core._events and core._lazy is None:

@@ -582,6 +582,32 @@ class Connection:
 
     # --------------------------------------------------------------- receiving
 
+    def receive_one(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> Message | None:
+        """:meth:`receive_data` for a frontend that wants the message now:
+        when nothing is waiting and ``data`` is exactly one plain frame for
+        the application (a round trip's answer), its Message is returned
+        rather than queued. Otherwise the same as receive_data, and None."""
+        if (
+            not self._buf and not fds and self._state is _OPEN and len(data) > 8 and not self._fds
+            and self._big is None and not self._events and self._lazy is None
+        ):
+            length, ftype, nh, reserved = FRAME.unpack_from(data)
+            if length + 8 == len(data) and not (ftype or nh or reserved) and length <= self.max_message_size:
+                try:
+                    value = self.codec.decode(data[8:] if length < 4096 else memoryview(data)[8:])
+                except CodecError as exc:
+                    self._fail(exc)
+                    return None
+                self._consumed += length + 8
+                if type(value) is dict:
+                    cmd = value.get("cmd")
+                    if type(cmd) is str and cmd.startswith(self._prefixes):
+                        self._events.append(self._internal(value, [], False))
+                        return None
+                return _tuple_new(Message, (value, None))
+        self.receive_data(data, fds)
+        return None
+
     def receive_data(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> None:
         """Feed bytes read from the transport, with the fds that came with
         them (in order). ``b""`` means EOF. Parsing happens here; errors are

@@ -1059,3 +1059,21 @@ def test_send_encoded_many_cuts_batches_at_value_boundaries() -> None:
     assert len(lengths) >= 5 and max(lengths) <= _protocol.BATCH_TARGET
     b.receive_data(stream)
     assert messages(drain(b)) == ["first", *values, "one"]
+
+
+def test_receive_one_returns_a_round_trips_answer_and_queues_the_rest() -> None:
+    conn = opened()
+    one = frame(FRAME_DATA, msgpack.packb({"n": 1}))
+    assert conn.receive_one(one) == Message({"n": 1}, None)
+    assert drain(conn) == []
+    # An internal message is routed, not returned.
+    assert conn.receive_one(frame(FRAME_DATA, msgpack.packb({"cmd": "IPCBUS_X"}))) is None
+    assert [type(ev) for ev in drain(conn)] == [InternalMessage]
+    # Two frames, or part of one: queued as receive_data queues them.
+    assert conn.receive_one(one + one[:5]) is None
+    assert conn.receive_one(one[5:]) is None
+    assert messages(drain(conn)) == [{"n": 1}, {"n": 1}]
+    # A payload that does not decode fails the connection.
+    assert conn.receive_one(frame(FRAME_DATA, b"\xc1")) is None
+    with pytest.raises(CodecError):
+        conn.next_event()
