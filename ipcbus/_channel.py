@@ -207,7 +207,8 @@ class Channel(FrontendState):
         """Send ``data``, and optionally handles, to the peer.
 
         Messages arrive whole and in the order they were sent. A message sent
-        after an idle moment is written at once; messages sent in a burst are
+        after an idle moment, or as the first send after a ``recv`` (a reply,
+        the next request), is written at once; messages sent in a burst are
         coalesced into few writes, and any still buffered are written within
         about a millisecond, or by the next ``recv``, ``flush`` or ``close``.
 
