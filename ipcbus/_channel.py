@@ -136,9 +136,6 @@ class Channel(FrontendState):
         # follows a read is a reply (or the next request) and goes out at
         # once, however soon after the last write it comes.
         self._read_since_write = False
-        # A burst's small messages (see send).
-        self._quick: list[bytes] = []
-        self._quick_ok = hasattr(core, "send_encoded_many")
         self._scheduled = False
         self._handle_sends = 0
         self._ack_mark = -1  # output_size when only acknowledgements were queued
@@ -369,19 +366,6 @@ class Channel(FrontendState):
             self.flush()  # backpressure: the peer is not keeping up
         else:
             self._flush_nowait()
-
-    def _settle(self) -> None:
-        # Called with _lock held: hand the burst list to the core. Taken
-        # with a copy and a slice deletion (each one step under the GIL), so
-        # that a send appending meanwhile from another thread is kept.
-        quick = self._quick
-        items = quick[:]
-        del quick[: len(items)]
-        if items:
-            try:
-                self._core.send_encoded_many(items)
-            except IPCError:
-                pass  # the channel failed: the next send raises its error
 
     def _send_owned(self, data: Any, described: list[tuple[bytes, int]], multi: bool, release: Any) -> None:
         # The caller may close its copies as soon as send returns, so the

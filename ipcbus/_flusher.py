@@ -32,19 +32,17 @@ class Flushable(Protocol):
 _cond = threading.Condition()
 _pending: set[Flushable] = set()
 _thread: threading.Thread | None = None
-_thread_pid = 0
 
 
 def schedule(channel: Flushable) -> None:
     """Make sure ``channel``'s buffer is written soon."""
-    global _thread, _thread_pid
+    global _thread
     with _cond:
         _pending.add(channel)
-        pid = os.getpid()
-        if _thread is None or _thread_pid != pid:
-            # A forked child has no copy of the thread: start its own.
+        if _thread is None:
+            # (A forked child starts its own: _after_fork_in_child forgets
+            # the parent's, which the child has no copy of.)
             _thread = threading.Thread(target=_run, name="ipcbus-flusher", daemon=True)
-            _thread_pid = pid
             _thread.start()
         _cond.notify()
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
-from ._errors import AuthenticationError, CodecError, HandleError, TransportError
+from ._errors import AuthenticationError, CodecError, HandleError, IPCError, TransportError
 from ._handles import KIND_FD, Handle, close_fds, describe, restore
 from ._message import Message
 from ._protocol import (
@@ -227,6 +227,11 @@ class FrontendState:
 
     def _init_frontend(self) -> None:
         self._callbacks: dict[str, InternalCallback] = {}
+        # A burst's small encoded messages, appended by send without the
+        # core; they go to the core in order (_settle) before anything else
+        # is queued or written, and whenever the list is full.
+        self._quick: list[bytes] = []
+        self._quick_ok = hasattr(self._core, "send_encoded_many")
         # Windows pipes send handles into the peer's process: they take its
         # pid from the handshake, through the core.
         bind_core = getattr(getattr(self, "_stream", None), "bind_core", None)
@@ -234,6 +239,20 @@ class FrontendState:
             bind_core(self._core)
 
     # --- sending side --------------------------------------------------------
+
+    def _settle(self) -> None:
+        # Hand the burst list to the core (the blocking frontend holds its
+        # core lock). Taken with a copy and a slice deletion, each one step
+        # under the GIL, so that a send appending meanwhile from another
+        # thread is kept.
+        quick = self._quick
+        if quick:
+            items = quick[:]
+            del quick[: len(items)]
+            try:
+                self._core.send_encoded_many(items)
+            except IPCError:
+                pass  # the channel failed: the next send raises its error
 
     def _prepare_handles(
         self, handle: Any, handles: Sequence[Any] | None, keep_open: bool

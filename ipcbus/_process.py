@@ -576,6 +576,20 @@ def _argv(argv: Sequence[StrPath]) -> list[str]:
     return result  # type: ignore[return-value]
 
 
+def _fork_argv(
+    target: StrPath | None,
+    args: Sequence[StrPath],
+    module: str | None,
+    python: StrPath,
+    python_args: Sequence[str],
+) -> list[str]:
+    # fork()'s command line, for both frontends: a script path or a module.
+    if (target is None) == (module is None):
+        raise TypeError("fork() needs a script path or module=..., and not both")
+    entry = ["-m", module] if module is not None else [os.fspath(target)]  # type: ignore[arg-type]
+    return [os.fspath(python), *python_args, *entry, *(os.fspath(a) for a in args)]
+
+
 def spawn(
     argv: Sequence[StrPath],
     *,
@@ -689,12 +703,8 @@ def fork(
     ChannelClosed and ``wait()`` gives the exit code; start it with
     ``stderr=subprocess.PIPE`` to read the traceback.
     """
-    if (target is None) == (module is None):
-        raise TypeError("fork() needs a script path or module=..., and not both")
-    entry = ["-m", module] if module is not None else [os.fspath(target)]  # type: ignore[arg-type]
-    argv = [os.fspath(python), *python_args, *entry, *(os.fspath(a) for a in args)]
     return spawn(
-        argv,
+        _fork_argv(target, args, module, python, python_args),
         ipc=True,
         codec=codec,
         env=env,

@@ -587,41 +587,29 @@ class Connection:
         when nothing is waiting and ``data`` is exactly one plain frame for
         the application (a round trip's answer), its Message is returned
         rather than queued. Otherwise the same as receive_data, and None."""
-        if (
-            not self._buf and not fds and self._state is _OPEN and len(data) > 8 and not self._fds
-            and self._big is None and not self._events and self._lazy is None
-        ):
-            length, ftype, nh, reserved = FRAME.unpack_from(data)
-            if length + 8 == len(data) and not (ftype or nh or reserved) and length <= self.max_message_size:
-                try:
-                    value = self.codec.decode(data[8:] if length < 4096 else memoryview(data)[8:])
-                except CodecError as exc:
-                    self._fail(exc)
-                    return None
-                self._consumed += length + 8
-                if type(value) is dict:
-                    cmd = value.get("cmd")
-                    if type(cmd) is str and cmd.startswith(self._prefixes):
-                        self._events.append(self._internal(value, [], False))
-                        return None
-                return _tuple_new(Message, (value, None))
-        self.receive_data(data, fds)
+        if self._events or self._lazy is not None:
+            self.receive_data(data, fds)
+            return None
+        payload = self._take_lone_frame(data, fds)
+        if payload is not None:
+            return self._plain_message(payload)
+        self._feed(data, fds)
         return None
 
     def receive_data(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> None:
         """Feed bytes read from the transport, with the fds that came with
         them (in order). ``b""`` means EOF. Parsing happens here; errors are
         raised from :meth:`next_event`, in stream order."""
-        if not self._buf and not fds and self._state is _OPEN and len(data) > 8 and not self._fds and self._big is None:
-            # The ping-pong case: exactly one small plain frame, parsed from
-            # the read itself, without copying it into the buffer.
-            length, ftype, nh, reserved = FRAME.unpack_from(data)
-            if length + 8 == len(data) and not (ftype or nh or reserved) and length <= self.max_message_size:
-                self._consumed += length + 8
-                # A slice of a small read costs less than a memoryview
-                # (which the decoder then handles more slowly).
-                self._deliver_plain(data[8:] if length < 4096 else memoryview(data)[8:])
-                return
+        payload = self._take_lone_frame(data, fds)
+        if payload is not None:
+            message = self._plain_message(payload)
+            if message is not None:
+                self._events.append(message)
+            return
+        self._feed(data, fds)
+
+    def _feed(self, data: bytes | bytearray | memoryview, fds: Sequence[int]) -> None:
+        # receive_data past its one-frame shortcut.
         if self._big is not None and data and not self._eof:
             data = self._fill_big(data)
             if not data and not fds:
@@ -694,22 +682,41 @@ class Connection:
         self._big = None
         self._big_filled = 0
         if self._error is None:
-            self._deliver_plain(big)
+            message = self._plain_message(big)
+            if message is not None:
+                self._events.append(message)
 
-    def _deliver_plain(self, payload: bytes | bytearray | memoryview) -> None:
-        # A whole plain frame's payload, outside _parse's loop: decode it and
-        # route it (or fail the connection, as _parse would).
+    def _take_lone_frame(
+        self, data: bytes | bytearray | memoryview, fds: Sequence[int]
+    ) -> bytes | bytearray | memoryview | None:
+        # The ping-pong case: when ``data`` is exactly one plain frame and
+        # nothing is buffered before it, its payload (consumed), parsed from
+        # the read itself without copying it into the buffer; else None.
+        if fds or self._buf or self._state is not _OPEN or len(data) <= 8 or self._fds or self._big is not None:
+            return None
+        length, ftype, nh, reserved = FRAME.unpack_from(data)
+        if length + 8 != len(data) or ftype or nh or reserved or length > self.max_message_size:
+            return None
+        self._consumed += length + 8
+        # A slice of a small read costs less than a memoryview (which the
+        # decoder then handles more slowly).
+        return data[8:] if length < 4096 else memoryview(data)[8:]
+
+    def _plain_message(self, payload: bytes | bytearray | memoryview) -> Message | None:
+        # A whole plain frame's payload, outside _parse's loop: its Message,
+        # or None when it was internal (routed to the events) or did not
+        # decode (the connection failed, as in _parse).
         try:
             value = self.codec.decode(payload)
         except CodecError as exc:
             self._fail(exc)
-            return
+            return None
         if type(value) is dict:
             cmd = value.get("cmd")
             if type(cmd) is str and cmd.startswith(self._prefixes):
                 self._events.append(self._internal(value, [], False))
-                return
-        self._events.append(_tuple_new(Message, (value, None)))
+                return None
+        return _tuple_new(Message, (value, None))
 
     def next_event(self) -> Any:
         """The next event, or NEED_DATA. Raises the channel's error (sticky)

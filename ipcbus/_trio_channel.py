@@ -114,10 +114,6 @@ class AsyncChannel(FrontendState):
         self._name = stream.transport_name
         self._encode = core.codec.encode
         self._fast_encode = fast_encoder(core.codec)
-        # A burst's small messages, handed to the core TRIO_QUICK_COUNT at a time
-        # or whenever anything else looks at its output (_settle).
-        self._quick: list[bytes] = []
-        self._quick_ok = hasattr(core, "send_encoded_many")
         self._high_water = HIGH_WATER
         self._closed = False
         self._read_eof = False
@@ -201,16 +197,6 @@ class AsyncChannel(FrontendState):
     def _queued_segments(self) -> int:
         self._settle()
         return self._core.queued_segments()
-
-    def _settle(self) -> None:
-        quick = self._quick
-        if quick:
-            items = quick[:]
-            quick.clear()
-            try:
-                self._core.send_encoded_many(items)
-            except IPCError:
-                pass  # the channel failed: the next send raises its error
 
     def _kick(self) -> None:
         if self._wake:

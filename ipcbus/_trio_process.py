@@ -37,6 +37,7 @@ from ._process import (
     StrPath,
     _argv,
     _codec_name,
+    _fork_argv,
     _scrubbed_env,
     _take_parent,
     get_channel_protocol,
@@ -301,12 +302,8 @@ def fork(
     await ipcbus.trio.fork(...)``. The child takes its end with
     ``ipcbus.parent()`` or ``ipcbus.trio.parent()``.
     """
-    if (target is None) == (module is None):
-        raise TypeError("fork() needs a script path or module=..., and not both")
-    entry = ["-m", module] if module is not None else [os.fspath(target)]  # type: ignore[arg-type]
-    argv = [os.fspath(python), *python_args, *entry, *(os.fspath(a) for a in args)]
     return spawn(
-        argv,
+        _fork_argv(target, args, module, python, python_args),
         ipc=True,
         codec=codec,
         env=env,
