@@ -76,9 +76,10 @@ _CAN_GATHER = hasattr(socket.socket, "sendmsg")
 DIRECT_WRITE = 256 * 1024
 # Write at once when this much is buffered, whatever the timing.
 FLUSH_AT = 64 * 1024
-# A sender that only sends reads the peer's handle acknowledgements after
-# every this many handle messages written one per write (after about 16 times
-# that many when they are batched), and after each keep_open=False one.
+# A sender that only sends, with keep_open=False handles not yet
+# acknowledged, reads the peer's acknowledgements after every this many
+# handle messages written one per write (after about 16 times that many when
+# they are batched), and after each keep_open=False one.
 ACK_PUMP_EVERY = 16
 # A burst of handle messages is written once this many fds are queued
 # (one sendmsg carries at most SCM_MAX_FD).
@@ -90,6 +91,10 @@ DUP_HANDLES_MAX = 4
 # Acknowledgements are left for the flusher thread (coalesced) until this
 # many bytes of them are queued.
 ACK_WRITE_AT = 4096
+# While a burst's sender writes from it itself, the flusher looks at it at
+# most this many seconds apart; the tail of a long burst is written within
+# about twice this after the burst ends.
+HOLD_WINDOW = 0.002
 
 _monotonic = time.monotonic
 
@@ -137,6 +142,9 @@ class Channel(FrontendState):
         # once, however soon after the last write it comes.
         self._read_since_write = False
         self._scheduled = False
+        self._flush_wait = 0.0
+        self._flush_mark: tuple[int, int, float] = (0, 0, 0.0)
+        self._flusher_wrote = 0.0  # _last_write after the flusher's own write
         self._handle_sends = 0
         self._ack_mark = -1  # output_size when only acknowledgements were queued
         self._closed = False
@@ -284,7 +292,8 @@ class Channel(FrontendState):
         self._handle_sends += ACK_PUMP_EVERY
         if release is not None or self._handle_sends >= ACK_PUMP_EVERY * ACK_PUMP_EVERY:
             self._handle_sends = 0
-            self._pump_acks()
+            if self._core.releases_pending:
+                self._pump_acks()
         if getattr(self._core, "awaiting_ack", False):
             self._wait_handle_answer()
 
@@ -302,11 +311,7 @@ class Channel(FrontendState):
         if not lone and self._quick_ok and len(payload) <= QUICK_MAX:
             self._core.check_can_send()
             self._quick.append(payload)
-            if not self._scheduled:
-                # The flusher writes the burst's tail if the sender stops
-                # before QUICK_COUNT, recv, flush or close do.
-                self._scheduled = True
-                _flusher.schedule(self)
+            self._schedule_flush()
             return
         self._lock_acquire()
         try:
@@ -319,9 +324,8 @@ class Channel(FrontendState):
             self.flush()
         elif lone:
             self._flush_nowait()  # with whatever a finished burst left queued
-        elif not self._scheduled:
-            self._scheduled = True
-            _flusher.schedule(self)
+        else:
+            self._schedule_flush()
 
     def _write_lone(self, payload: bytes) -> bool:
         # Nothing of ours is queued: write header and payload in one
@@ -351,9 +355,7 @@ class Channel(FrontendState):
                 # The peer is not reading: the rest is the next write's first
                 # job, which the flusher does if nobody else comes first.
                 self._partial = (memoryview(frame)[n:], [])
-                if not self._scheduled:
-                    self._scheduled = True
-                    _flusher.schedule(self)
+                self._schedule_flush()
             return True
         finally:
             self._wlock_release()
@@ -406,12 +408,11 @@ class Channel(FrontendState):
             self._handle_sends += ACK_PUMP_EVERY
         else:
             self._handle_sends += 1
-            if not self._scheduled:
-                self._scheduled = True
-                _flusher.schedule(self)
+            self._schedule_flush()
         if release is not None or self._handle_sends >= ACK_PUMP_EVERY * ACK_PUMP_EVERY:
             self._handle_sends = 0
-            self._pump_acks()
+            if self._core.releases_pending:
+                self._pump_acks()
 
     def _close_owned(self, fds: list[int]) -> None:
         if fds and self._owns_fds:  # (POSIX only: plain os.close)
@@ -523,9 +524,8 @@ class Channel(FrontendState):
     def _flush_nowait(self) -> None:
         # A send only blocks (backpressure) once FLUSH_AT bytes are waiting,
         # so what the kernel does not take now goes to the flusher.
-        if not self._write_some() and not self._scheduled:
-            self._scheduled = True
-            _flusher.schedule(self)
+        if not self._write_some():
+            self._schedule_flush()
 
     def _write_out(self, deadline: float | None, *, block: bool = True) -> bool:
         # Called with _wlock held. Returns True when everything was written.
@@ -597,14 +597,43 @@ class Channel(FrontendState):
         if partial is not None:
             self._close_owned(partial[1])
 
-    def _background_flush(self) -> bool:
-        self._scheduled = False
+    def _schedule_flush(self) -> None:
+        # Something is queued that no write of ours will take soon: the
+        # flusher writes it (a burst's tail, a partial write, acknowledgements)
+        # if recv, flush, close or the burst's own size do not come first.
+        if not self._scheduled:
+            self._scheduled = True
+            self._flush_wait = _flusher.DELAY
+            self._flush_mark = self._progress()
+            _flusher.schedule(self)
+
+    def _progress(self) -> tuple[int, int, float]:
+        # Changes whenever this end queues or writes.
+        return len(self._quick), self._core.output_size, self._last_write
+
+    def _background_flush(self) -> float | None:
         if self._closed:
-            return False
+            self._scheduled = False
+            return None
+        # A burst whose sender has written from it since the last visit is
+        # being written in full batches by the sender itself: leave it, and
+        # look again later (the longer the burst lasts, the later, up to
+        # HOLD_WINDOW). Writing parts of it from here, or waking every DELAY,
+        # hands the GIL back and forth with the sending thread: a quarter of
+        # a handle burst's throughput.
+        mark = self._progress()
+        last = mark[2]
+        if last != self._flush_mark[2] and last != self._flusher_wrote:
+            self._flush_mark = mark
+            self._flush_wait = wait = min(self._flush_wait * 2, HOLD_WINDOW)
+            return wait
+        self._scheduled = False
         try:
-            return not self._write_some()
+            done = self._write_some()
         except (IPCError, TimeoutError):
-            return False
+            return None
+        self._flusher_wrote = self._last_write
+        return None if done else _flusher.DELAY  # the peer is slow: again soon
 
     def _exit_flush(self) -> None:
         if not self._closed:
@@ -631,9 +660,7 @@ class Channel(FrontendState):
                 core.send_ping()
             except IPCError:
                 return False
-        if not self._scheduled:
-            self._scheduled = True
-            _flusher.schedule(self)
+        self._schedule_flush()
         return True
 
     # ---------------------------------------------------------------- receiving
@@ -834,9 +861,7 @@ class Channel(FrontendState):
             # messages is acknowledged in a few writes, not one per message;
             # each write would wake the sender, which steals the CPU from us.
             self._ack_mark = after
-            if not self._scheduled:
-                self._scheduled = True
-                _flusher.schedule(self)
+            self._schedule_flush()
         else:
             # Handshake replies go out now, without waiting.
             try:

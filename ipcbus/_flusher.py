@@ -23,52 +23,68 @@ DELAY = 0.0005  # seconds a burst may accumulate before the thread writes it
 
 
 class Flushable(Protocol):
-    def _background_flush(self) -> bool:
-        """Write without waiting; True if something is still left to write."""
+    def _background_flush(self) -> float | None:
+        """Write without waiting. None when done; else seconds until the
+        thread should come back (something is left, or the channel asked
+        for time)."""
 
     def _exit_flush(self) -> None: ...
 
 
 _cond = threading.Condition()
-_pending: set[Flushable] = set()
+_due: dict[Flushable, float] = {}  # channel -> monotonic time of its next visit
 _thread: threading.Thread | None = None
+_waiting_until: float | None = None  # the thread's wake-up time while it waits
 
 
 def schedule(channel: Flushable) -> None:
-    """Make sure ``channel``'s buffer is written soon."""
+    """Make sure ``channel``'s buffer is written soon (in DELAY seconds)."""
     global _thread
     with _cond:
-        _pending.add(channel)
+        if channel in _due:
+            return
+        due = _due[channel] = time.monotonic() + DELAY
         if _thread is None:
             # (A forked child starts its own: _after_fork_in_child forgets
             # the parent's, which the child has no copy of.)
             _thread = threading.Thread(target=_run, name="ipcbus-flusher", daemon=True)
             _thread.start()
-        _cond.notify()
+        if _waiting_until is None or due < _waiting_until:
+            _cond.notify()
 
 
 def _run() -> None:
-    global _pending
+    global _waiting_until
     while True:
         with _cond:
-            while not _pending:
-                _cond.wait()
-        time.sleep(DELAY)
-        with _cond:
-            batch, _pending = _pending, set()
-        retry = [ch for ch in batch if ch._background_flush()]
-        if retry:
-            with _cond:
-                _pending.update(retry)
+            # Each wake-up takes the GIL from the threads that send: sleep
+            # until the first visit is due, not in fixed ticks.
+            now = time.monotonic()
+            first = min(_due.values(), default=None)
+            if first is None or first > now:
+                _waiting_until = first if first is not None else float("inf")
+                _cond.wait(None if first is None else first - now)
+                _waiting_until = None
+                continue
+            ready = [ch for ch, due in _due.items() if due <= now]
+            for ch in ready:
+                del _due[ch]
+        for ch in ready:
+            again = ch._background_flush()
+            if again is not None:
+                with _cond:
+                    due = time.monotonic() + again
+                    _due[ch] = min(due, _due.get(ch, due))
 
 
 def _after_fork_in_child() -> None:
     # os.fork() copies the lock in whatever state the flusher thread left it,
     # but not the thread: start over, or the child could deadlock in schedule().
-    global _cond, _pending, _thread
+    global _cond, _due, _thread, _waiting_until
     _cond = threading.Condition()
-    _pending = set()
+    _due = {}
     _thread = None
+    _waiting_until = None
 
 
 if hasattr(os, "register_at_fork"):
@@ -80,7 +96,7 @@ def _flush_at_exit() -> None:
     # Daemon threads die with the interpreter: write what is still buffered,
     # so that a message sent just before a normal exit is not lost.
     with _cond:
-        batch = list(_pending)
-        _pending.clear()
+        batch = list(_due)
+        _due.clear()
     for ch in batch:
         ch._exit_flush()

@@ -663,6 +663,11 @@ class NodeConnection:
     def has_output(self) -> bool:
         return bool(self._out)
 
+    @property
+    def releases_pending(self) -> bool:
+        """Always False: ``send`` itself waits for Node's answer to a handle."""
+        return False
+
     def take_unreleased(self) -> list[Any]:
         """Remove and return the release tokens of handle messages Node never
         answered (the frontend closes them when the channel goes)."""

@@ -78,6 +78,14 @@ BATCH_MESSAGE_MAX = 16 * 1024
 # before it has seen the peer's hello.
 MIN_MAX_MESSAGE_SIZE = BATCH_TARGET
 HANDLE_DESCRIPTOR_SIZE = 4
+# The handle block's first byte (PROTOCOL.md §4.1): the sender passed a list;
+# the sender wants an IPCBUS_ACK for this frame (it releases its copies then:
+# keep_open=False). Frames without HANDLES_ACK are never acknowledged, so a
+# stream of handles costs the receiver no writes and the sender no reads.
+HANDLES_LIST = 0x01
+HANDLES_ACK = 0x02
+_HANDLE_FLAGS = HANDLES_LIST | HANDLES_ACK
+_FLAG_BYTES = [bytes([i]) for i in range(_HANDLE_FLAGS + 1)]
 
 # 64 MiB, like the design card; multiprocessing has no limit at all, h11
 # bounds incomplete events at 16 KiB: ours must carry real payloads.
@@ -254,7 +262,7 @@ class Connection:
         self._out: deque[list[Any]] = deque()  # [bytearray, fds]
         self._held: deque[list[Any]] | None = deque() if authkey is not None else None
         self._out_size = 0
-        self._unacked: deque[Any] = deque()  # one release token (or None) per handle frame
+        self._unacked: deque[Any] = deque()  # the release token of each frame sent with HANDLES_ACK
         self._hrun: list[Any] | None = None  # [segment, its length after the last handle frame]
         self.queued_fds = 0  # fds in segments not yet taken by take_output
         self._closed_for_sending = False
@@ -501,7 +509,8 @@ class Connection:
             fds = [fd for _, fd in handles]
         if len(descs) != n * HANDLE_DESCRIPTOR_SIZE:
             raise HandleError("malformed handle descriptors")
-        frame = b"".join((FRAME.pack(length, FRAME_DATA, n, 0), b"\x01" if multi else b"\x00", descs, payload))
+        flags = (HANDLES_LIST if multi else 0) | (0 if release is None else HANDLES_ACK)
+        frame = b"".join((FRAME.pack(length, FRAME_DATA, n, 0), _FLAG_BYTES[flags], descs, payload))
         # A handle frame starts its own segment, so that its fds ride on the
         # sendmsg that carries its first byte; handle frames queued right
         # behind it (nothing else in between, segment not yet taken) join
@@ -528,7 +537,8 @@ class Connection:
         if held is None:
             self._out_size += length + 8
             self.queued_fds += n
-        self._unacked.append(release)
+        if release is not None:
+            self._unacked.append(release)
 
     def _send_control(self, message: dict[str, Any]) -> None:
         self._queue_frame(FRAME_CONTROL, msgpack.packb(message), (), False, None)
@@ -569,10 +579,15 @@ class Connection:
     def has_output(self) -> bool:
         return bool(self._out or self._pending)
 
+    @property
+    def releases_pending(self) -> bool:
+        """Handle messages sent with a release token are not all acknowledged."""
+        return bool(self._unacked)
+
     def take_unreleased(self) -> list[Any]:
         """Remove and return the release tokens of handle messages the peer
         never acknowledged (the frontend closes them when the channel goes)."""
-        tokens = [t for t in self._unacked if t is not None]
+        tokens = list(self._unacked)
         self._unacked.clear()
         return tokens
 
@@ -906,10 +921,12 @@ class Connection:
             fds = self._fds
             if fds:
                 fd, chunk_end = fds[0]
-                if chunk_end > self._consumed + pos or chunk_end == self._run_end:
+                flags = view[pos + 8]
+                if (chunk_end > self._consumed + pos or chunk_end == self._run_end) and flags <= _HANDLE_FLAGS:
                     fds.popleft()
                     self._run_end = chunk_end
-                    self._acks_due += 1
+                    if flags & HANDLES_ACK:
+                        self._acks_due += 1
                     start = pos + 8
                     try:
                         value = self.codec.decode(view[start + 5 : start + length])
@@ -917,12 +934,13 @@ class Connection:
                         self._orphans.append(fd)
                         raise
                     handles = [(bytes(view[start + 1 : start + 5]), fd)]
+                    multi = bool(flags & HANDLES_LIST)
                     if type(value) is dict:
                         cmd = value.get("cmd")
                         if type(cmd) is str and cmd.startswith(self._prefixes):
-                            self._events.append(self._internal(value, handles, view[start] == 1))
+                            self._events.append(self._internal(value, handles, multi))
                             return
-                    self._events.append(_tuple_new(RawMessage, (value, handles, view[start] == 1)))
+                    self._events.append(_tuple_new(RawMessage, (value, handles, multi)))
                     return
         if reserved:
             raise ProtocolError(f"reserved header field is {reserved:#x}, must be 0")
@@ -940,13 +958,18 @@ class Connection:
             if length < meta:
                 self._orphans.extend(fds)
                 raise ProtocolError(f"frame of {length} bytes too short for {nh} handle descriptors")
-            multi = view[start] == 1
+            flags = view[start]
+            if flags > _HANDLE_FLAGS:
+                self._orphans.extend(fds)
+                raise ProtocolError(f"handle block flags {flags:#04x}: only bits 0 and 1 are defined")
+            multi = bool(flags & HANDLES_LIST)
             descs = bytes(view[start + 1 : start + meta])
             handles = [
                 (descs[i * 4 : i * 4 + 4], fd) for i, fd in enumerate(fds)
             ]
             start += meta
-            self._acks_due += 1
+            if flags & HANDLES_ACK:
+                self._acks_due += 1
         elif self._fds:
             self._check_fd_offsets(self._consumed + pos)
         if ftype == FRAME_DATA:
@@ -1035,10 +1058,7 @@ class Connection:
                 raise ProtocolError(
                     f"acknowledgement of {n!r} handle message(s); {len(self._unacked)} in flight"
                 )
-            tokens = [self._unacked.popleft() for _ in range(n)]
-            tokens = [t for t in tokens if t is not None]
-            if tokens:
-                self._events.append(HandlesReleased(tokens))
+            self._events.append(HandlesReleased([self._unacked.popleft() for _ in range(n)]))
         elif cmd == CONTROL_PING:
             if not self._closed_for_sending:
                 self._send_control({"cmd": CONTROL_PONG})

@@ -690,6 +690,39 @@ def test_acks_release_tokens_in_order() -> None:
     assert a.take_unreleased() == []
 
 
+def test_only_frames_that_ask_are_acknowledged() -> None:
+    # Bit 1 of the handle block asks for an ACK; the sender sets it only for
+    # a release token. A stream of kept handles costs the receiver no writes.
+    a, b = connected()
+    a.send("kept", [(DESC, 11)])
+    a.send("kept too", [(DESC, 12), (DESC, 13)], multi=True)
+    data, fds = output(a)[0]
+    flags = [data[i + FRAME.size] for i in (0, FRAME.size + 1 + 4 + len(msgpack.packb("kept")))]
+    assert flags == [0x00, 0x01]
+    b.receive_data(data, fds)
+    assert [ev.data for ev in drain(b)] == ["kept", "kept too"]
+    assert not b.has_output()
+    a.send("released", [(DESC, 14)], release="t")
+    data, fds = output(a)[0]
+    assert data[FRAME.size] == 0x02
+    assert a.releases_pending
+    b.receive_data(data, fds)
+    drain(b)
+    assert b.has_output()
+    pump(b, a)
+    assert [t for ev in drain(a) for t in ev.tokens] == ["t"]
+    assert not a.releases_pending
+
+
+@pytest.mark.parametrize("flags", [0x04, 0x80, 0xFF])
+def test_undefined_handle_block_flags_are_a_protocol_error(flags: int) -> None:
+    conn = opened()
+    conn.receive_data(frame(FRAME_DATA, bytes([flags]) + DESC + msgpack.packb("x"), nh=1), [48])
+    with pytest.raises(ProtocolError, match="handle block flags"):
+        drain(conn)
+    assert conn.unclaimed_fds() == [48]
+
+
 def test_acks_byte_at_a_time() -> None:
     a, b = connected()
     for i in range(3):
