@@ -36,6 +36,7 @@ from ._frontend import (
     RECV_SIZE,
     FrontendState,
     check_authentication,
+    duplicate_fds,
     encode_error,
     fast_encoder,
     log_auth_failure,
@@ -215,7 +216,8 @@ class Channel(FrontendState):
         after an idle moment, or as the first send after a ``recv`` (a reply,
         the next request), is written at once; messages sent in a burst are
         coalesced into few writes, and any still buffered are written within
-        about a millisecond, or by the next ``recv``, ``flush`` or ``close``.
+        about a millisecond (a few after a long burst), or by the next
+        ``recv``, ``flush`` or ``close``.
 
         ``handle`` is one socket, file object or :class:`Handle`; ``handles``
         a list of them. The caller may close its copy as soon as ``send``
@@ -247,6 +249,13 @@ class Channel(FrontendState):
                 quick.append(payload)
                 if len(quick) >= QUICK_COUNT:
                     self._quick_full()
+                return
+            # A reply (or the next request): written at once, by the shortest
+            # path (half of every round trip).
+            if (
+                self._read_since_write and not quick and len(payload) < DIRECT_WRITE and not self._closed
+                and self._write_lone(payload)
+            ):
                 return
             self._send_plain(payload)
             return
@@ -281,6 +290,13 @@ class Channel(FrontendState):
                     self._settle()
                 self._core.send(data, described, multi=multi, release=release)
             self.flush()
+        except BaseException:
+            if release is not None:
+                # Not sent: the caller keeps its handles (and may send them
+                # on another channel); a later teardown must not close them.
+                with self._lock:
+                    self._core.withdraw_release(release)
+            raise
         finally:
             if owns:
                 with self._lock:
@@ -295,7 +311,13 @@ class Channel(FrontendState):
             if self._core.releases_pending:
                 self._pump_acks()
         if getattr(self._core, "awaiting_ack", False):
-            self._wait_handle_answer()
+            try:
+                self._wait_handle_answer()
+            except BaseException:
+                if release is not None:
+                    with self._lock:
+                        self._core.withdraw_release(release)
+                raise
 
     def _send_plain(self, payload: bytes) -> None:
         if self._closed:
@@ -373,17 +395,7 @@ class Channel(FrontendState):
         # The caller may close its copies as soon as send returns, so the
         # queued message carries duplicates; _write_out closes them once
         # they are written, _teardown if they never are.
-        dups: list[tuple[bytes, int]] = []
-        try:
-            if len(described) == 1:
-                desc, fd = described[0]
-                dups = [(desc, os.dup(fd))]
-            else:
-                for desc, fd in described:
-                    dups.append((desc, os.dup(fd)))
-        except OSError as exc:
-            close_fds([fd for _, fd in dups])
-            raise HandleError(f"cannot send fd {described[len(dups)][1]}: {exc.strerror}") from exc
+        dups = duplicate_fds(described)
         core = self._core
         self._lock_acquire()
         try:
@@ -591,8 +603,7 @@ class Channel(FrontendState):
         # Called with _lock held: nothing queued will be written; close the
         # duplicated fds it carries.
         self._quick.clear()
-        while (seg := self._core.take_output()) is not None:
-            self._close_owned(seg[1])
+        self._close_owned(self._core.drop_output())
         partial, self._partial = self._partial, None
         if partial is not None:
             self._close_owned(partial[1])
@@ -710,6 +721,13 @@ class Channel(FrontendState):
                         self._fail(exc)
                         raise
                     self._read_since_write = True
+                    if not fds:
+                        # Exactly one plain frame (the answer)? Parsed under
+                        # the reader's lock alone (lone_message touches no
+                        # state that senders do).
+                        message = core.lone_message(data)
+                        if message is not None:
+                            return message
                     self._lock_acquire()
                     try:
                         message = core.receive_one(data, fds)
@@ -857,7 +875,7 @@ class Channel(FrontendState):
         acks_only = not before or before == self._ack_mark
         if was_open and acks_only and self._partial is None and after < ACK_WRITE_AT:
             # Only acknowledgements (and pongs) are queued: leave them for the
-            # flusher (well under a millisecond), so that a stream of handle
+            # flusher (about a millisecond), so that a stream of handle
             # messages is acknowledged in a few writes, not one per message;
             # each write would wake the sender, which steals the CPU from us.
             self._ack_mark = after

@@ -7,6 +7,12 @@ here within about a millisecond (or sooner, by the next ``send``, ``recv``,
 ``flush`` or ``close`` on that channel). The thread never blocks on a peer:
 it writes only what the kernel takes without waiting, and comes back for the
 rest.
+
+Each wake-up of this thread takes the GIL from the threads that send, so it
+sleeps until the next channel is due rather than in fixed ticks, and a
+channel may ask for a later visit (``_background_flush`` returns the delay):
+a long burst that its sender writes in full batches itself is looked at a
+few milliseconds apart, and its tail written within a few milliseconds.
 """
 
 from __future__ import annotations

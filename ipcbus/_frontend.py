@@ -190,6 +190,30 @@ def log_auth_failure(exc: BaseException, stream: Any) -> None:
         log.warning("authentication failed with %s: %s", peer, exc)
 
 
+def duplicate_fds(described: list[tuple[bytes, int]]) -> list[tuple[bytes, int]]:
+    """``described`` with each fd replaced by a duplicate the channel owns.
+
+    A channel queues a handle message with duplicates, so that the caller may
+    close its copies as soon as ``send`` returns while the message waits to
+    be batched with others; whoever writes it closes them (POSIX only).
+    Raises HandleError, with nothing left open, for an fd that is not open.
+    """
+    if len(described) == 1:  # (the common case, in fewer steps)
+        desc, fd = described[0]
+        try:
+            return [(desc, os.dup(fd))]
+        except OSError as exc:
+            raise HandleError(f"cannot send fd {fd}: {exc.strerror}") from exc
+    dups: list[tuple[bytes, int]] = []
+    try:
+        for desc, fd in described:
+            dups.append((desc, os.dup(fd)))
+    except OSError as exc:
+        close_fds([fd for _, fd in dups])
+        raise HandleError(f"cannot send fd {described[len(dups)][1]}: {exc.strerror}") from exc
+    return dups
+
+
 class FrontendState:
     """Mixin with the frontend bookkeeping shared by both channel classes.
 

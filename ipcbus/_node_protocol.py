@@ -651,6 +651,14 @@ class NodeConnection:
         self._out_size -= len(seg[0])
         return seg[0], seg[1]
 
+    def drop_output(self) -> list[int]:
+        """Forget what is ready to write (the channel is going); return the
+        fds it carried (the caller's own: the frontend does not close them)."""
+        fds = [fd for seg in self._out for fd in seg[1]]
+        self._out.clear()
+        self._out_size = 0
+        return fds
+
     @property
     def output_size(self) -> int:
         """Bytes ready to write (held messages are not counted)."""
@@ -667,6 +675,14 @@ class NodeConnection:
     def releases_pending(self) -> bool:
         """Always False: ``send`` itself waits for Node's answer to a handle."""
         return False
+
+    def withdraw_release(self, token: Any) -> None:
+        """Forget ``token`` (by identity): the ``send`` that queued it failed,
+        so the handle it names stays the caller's, not ours to close."""
+        records = [self._inflight] + [seg[2] for seg in self._behind or ()]
+        for record in records:
+            if record is not None and record[2] is token:
+                record[2] = None
 
     def take_unreleased(self) -> list[Any]:
         """Remove and return the release tokens of handle messages Node never

@@ -78,6 +78,8 @@ BATCH_MESSAGE_MAX = 16 * 1024
 # before it has seen the peer's hello.
 MIN_MAX_MESSAGE_SIZE = BATCH_TARGET
 HANDLE_DESCRIPTOR_SIZE = 4
+# lone_message decodes msgpack payloads up to this size with a kept Unpacker.
+ONE_UNPACKER_MAX = 64 * 1024
 # The handle block's first byte (PROTOCOL.md §4.1): the sender passed a list;
 # the sender wants an IPCBUS_ACK for this frame (it releases its copies then:
 # keep_open=False). Frames without HANDLES_ACK are never acknowledged, so a
@@ -221,6 +223,9 @@ class Connection:
         if authkey is not None and (nonce is None or len(nonce) != NONCE_SIZE):
             raise ValueError(f"authentication needs a {NONCE_SIZE}-byte nonce")
         self.codec = codec
+        self._decode = codec.decode
+        self._one_told = 0
+        self._one = self._new_one() if type(codec) is MsgpackCodec else None
         self.pid = pid
         self.can_carry_handles = can_carry_handles
         self.max_message_size = max_message_size
@@ -262,7 +267,9 @@ class Connection:
         self._out: deque[list[Any]] = deque()  # [bytearray, fds]
         self._held: deque[list[Any]] | None = deque() if authkey is not None else None
         self._out_size = 0
-        self._unacked: deque[Any] = deque()  # the release token of each frame sent with HANDLES_ACK
+        # The release token of each frame sent with HANDLES_ACK (None once
+        # withdrawn by a failed send).
+        self._unacked: deque[Any] = deque()
         self._hrun: list[Any] | None = None  # [segment, its length after the last handle frame]
         self.queued_fds = 0  # fds in segments not yet taken by take_output
         self._closed_for_sending = False
@@ -564,6 +571,21 @@ class Connection:
             self.queued_fds -= len(seg[1])
         return seg[0], seg[1]
 
+    def drop_output(self) -> list[int]:
+        """Forget everything queued and not yet taken (the channel is going):
+        the fds it carried, which the frontend closes if they are its own.
+        Frames held back until authentication count too."""
+        fds = [fd for seg in self._out for fd in seg[1]]
+        if self._held is not None:
+            fds += [fd for seg in self._held for fd in seg[1]]
+            self._held.clear()
+        self._out.clear()
+        self._pending.clear()
+        self._out_size = 0
+        self.queued_fds = 0
+        self._hrun = None
+        return fds
+
     def queued_segments(self) -> int:
         """How many segments :meth:`take_output` has yet to return (what is
         being batched is framed first, so the count is exact)."""
@@ -582,12 +604,21 @@ class Connection:
     @property
     def releases_pending(self) -> bool:
         """Handle messages sent with a release token are not all acknowledged."""
-        return bool(self._unacked)
+        return bool(self._unacked)  # (a withdrawn placeholder costs one needless read)
+
+    def withdraw_release(self, token: Any) -> None:
+        """Forget ``token`` (by identity): the ``send`` that queued it failed,
+        so the handles it names stay the caller's, not ours to close."""
+        for i, t in enumerate(self._unacked):
+            if t is token:
+                # Keep the frame's place: an ACK may still count it.
+                self._unacked[i] = None
+                return
 
     def take_unreleased(self) -> list[Any]:
         """Remove and return the release tokens of handle messages the peer
         never acknowledged (the frontend closes them when the channel goes)."""
-        tokens = list(self._unacked)
+        tokens = [t for t in self._unacked if t is not None]
         self._unacked.clear()
         return tokens
 
@@ -602,12 +633,10 @@ class Connection:
         when nothing is waiting and ``data`` is exactly one plain frame for
         the application (a round trip's answer), its Message is returned
         rather than queued. Otherwise the same as receive_data, and None."""
-        if self._events or self._lazy is not None:
-            self.receive_data(data, fds)
-            return None
-        payload = self._take_lone_frame(data, fds)
-        if payload is not None:
-            return self._plain_message(payload)
+        if not fds and not self._events and self._lazy is None:
+            message = self.lone_message(data)
+            if message is not None:
+                return message
         self._feed(data, fds)
         return None
 
@@ -615,13 +644,62 @@ class Connection:
         """Feed bytes read from the transport, with the fds that came with
         them (in order). ``b""`` means EOF. Parsing happens here; errors are
         raised from :meth:`next_event`, in stream order."""
-        payload = self._take_lone_frame(data, fds)
-        if payload is not None:
-            message = self._plain_message(payload)
+        if not fds:
+            message = self.lone_message(data)
             if message is not None:
                 self._events.append(message)
-            return
+                return
         self._feed(data, fds)
+
+    def _new_one(self) -> Any:
+        # The decoder of lone_message (msgpack only), with the codec's options.
+        self._one_told = 0
+        return msgpack.Unpacker(strict_map_key=False, max_buffer_size=ONE_UNPACKER_MAX)
+
+    def lone_message(self, data: bytes | bytearray | memoryview) -> Message | None:
+        """The round trip's shortcut: when ``data`` (read with no fds) is
+        exactly one plain frame for the application and nothing is buffered
+        before it, consume it and return its Message, parsed from the read
+        itself without copying it into the buffer. Else None, with nothing
+        consumed: feed ``data`` with :meth:`receive_data` (a value that does
+        not decode, or an internal message, is then handled there).
+
+        It touches only the receiving side's state, so a frontend may call
+        it holding its reader's lock alone, not the lock its senders take.
+        Messages parsed before ``data`` and not yet taken must be taken first.
+        """
+        if self._buf or self._state is not _OPEN or len(data) <= 8 or self._fds or self._big is not None:
+            return None
+        length, ftype, nh, reserved = FRAME.unpack_from(data)
+        if length + 8 != len(data) or ftype or nh or reserved or length > self.max_message_size:
+            return None
+        one = self._one
+        if one is not None and length <= ONE_UNPACKER_MAX:
+            # msgpack: a kept Unpacker decodes one small value in about two
+            # thirds of the time of unpackb, which sets one up per call.
+            told = self._one_told + length
+            try:
+                one.feed(data[8:])
+                value = one.unpack()
+            except Exception:  # msgpack raises several unrelated types
+                value = told = -1
+            if one.tell() != told:  # bad, cut short or followed by more
+                self._one = self._new_one()
+                return None
+            self._one_told = told
+        else:
+            try:
+                # A slice of a small read costs less than a memoryview (which
+                # the decoder then handles more slowly).
+                value = self._decode(data[8:] if length < 4096 else memoryview(data)[8:])
+            except CodecError:
+                return None
+        if type(value) is dict:
+            cmd = value.get("cmd")
+            if type(cmd) is str and cmd.startswith(self._prefixes):
+                return None
+        self._consumed += length + 8
+        return _tuple_new(Message, (value, None))
 
     def _feed(self, data: bytes | bytearray | memoryview, fds: Sequence[int]) -> None:
         # receive_data past its one-frame shortcut.
@@ -701,24 +779,8 @@ class Connection:
             if message is not None:
                 self._events.append(message)
 
-    def _take_lone_frame(
-        self, data: bytes | bytearray | memoryview, fds: Sequence[int]
-    ) -> bytes | bytearray | memoryview | None:
-        # The ping-pong case: when ``data`` is exactly one plain frame and
-        # nothing is buffered before it, its payload (consumed), parsed from
-        # the read itself without copying it into the buffer; else None.
-        if fds or self._buf or self._state is not _OPEN or len(data) <= 8 or self._fds or self._big is not None:
-            return None
-        length, ftype, nh, reserved = FRAME.unpack_from(data)
-        if length + 8 != len(data) or ftype or nh or reserved or length > self.max_message_size:
-            return None
-        self._consumed += length + 8
-        # A slice of a small read costs less than a memoryview (which the
-        # decoder then handles more slowly).
-        return data[8:] if length < 4096 else memoryview(data)[8:]
-
     def _plain_message(self, payload: bytes | bytearray | memoryview) -> Message | None:
-        # A whole plain frame's payload, outside _parse's loop: its Message,
+        # A large frame's whole payload, outside _parse's loop: its Message,
         # or None when it was internal (routed to the events) or did not
         # decode (the connection failed, as in _parse).
         try:
@@ -1058,7 +1120,10 @@ class Connection:
                 raise ProtocolError(
                     f"acknowledgement of {n!r} handle message(s); {len(self._unacked)} in flight"
                 )
-            self._events.append(HandlesReleased([self._unacked.popleft() for _ in range(n)]))
+            tokens = [self._unacked.popleft() for _ in range(n)]
+            tokens = [t for t in tokens if t is not None]
+            if tokens:
+                self._events.append(HandlesReleased(tokens))
         elif cmd == CONTROL_PING:
             if not self._closed_for_sending:
                 self._send_control({"cmd": CONTROL_PONG})

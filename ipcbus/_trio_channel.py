@@ -41,6 +41,7 @@ from ._frontend import (
     TRIO_QUICK_COUNT,
     FrontendState,
     check_authentication,
+    duplicate_fds,
     encode_error,
     fast_encoder,
     log_auth_failure,
@@ -124,6 +125,10 @@ class AsyncChannel(FrontendState):
         # The segment the writer is writing: (rest of it, its fds).
         self._partial: tuple[memoryview, list[int]] | None = None
         self._partial_len = 0
+        # POSIX native channels queue handle messages with duplicated fds
+        # (duplicate_fds): send returns at once and a burst of them is
+        # batched; the writer closes each duplicate once it went out.
+        self._owns_fds = type(core) is Connection and sys.platform != "win32"
         self._segs_taken = 0  # segments taken from the core by the writer
         self._segs_done = 0  # ... and completely written
         self._written = 0  # bytes written
@@ -202,16 +207,27 @@ class AsyncChannel(FrontendState):
         if self._wake:
             self._wake.unpark_all()
 
-    def _queue(self, data: Any, handle: Any, handles: Sequence[Any] | None, keep_open: bool) -> None:
-        # Synchronous: a message is queued whole or (on an exception) not at all.
+    def _queue(self, data: Any, handle: Any, handles: Sequence[Any] | None, keep_open: bool) -> Any:
+        # Synchronous: a message is queued whole or (on an exception) not at
+        # all. Returns its release token (keep_open=False handles) or None.
         self._settle()
+        release = None
         if handle is None and handles is None:
             self._core.send_encoded(self._encode(data))
         else:
             described, multi, release = self._prepare_handles(handle, handles, keep_open)
-            self._core.send(data, described, multi=multi, release=release)
+            if self._owns_fds and described:
+                dups = duplicate_fds(described)
+                try:
+                    self._core.send(data, dups, multi=multi, release=release)
+                except BaseException:
+                    close_fds([fd for _, fd in dups])  # refused: not queued
+                    raise
+            else:
+                self._core.send(data, described, multi=multi, release=release)
         if self._wake:
             self._wake.unpark_all()
+        return release
 
     def send_nowait(
         self,
@@ -227,8 +243,9 @@ class AsyncChannel(FrontendState):
         holds :data:`HIGH_WATER` bytes or more; ``await send(...)`` or
         ``await flush()`` then waits for the peer. The message is written by
         the channel's writer task once the caller reaches a checkpoint. A
-        handle sent this way must stay open until ``flush()`` returned.
-        Other errors as :meth:`send`.
+        handle sent this way may be closed at once on a POSIX native channel
+        (as with :meth:`send`); elsewhere it must stay open until
+        ``flush()`` returned. Other errors as :meth:`send`.
         """
         if self._closed or self._send_error is not None:
             self._check_send()
@@ -283,12 +300,15 @@ class AsyncChannel(FrontendState):
         at all.
 
         ``handle`` is one socket, file object or :class:`ipcbus.Handle`;
-        ``handles`` a list of them. A message with handles has been written
-        when ``send`` returns, so the caller may close its copy (unless the
-        send was cancelled: then the message may still be queued, and the
-        handle must stay open until :meth:`flush` or :meth:`aclose`). With
-        ``keep_open=False`` ipcbus closes the handle once the peer
-        acknowledged receipt.
+        ``handles`` a list of them. The caller may close its copy as soon as
+        ``send`` returns: on POSIX a native channel queues a duplicate of
+        each fd (closed once written), so that a burst of handle messages is
+        batched like plain ones. On a ``protocol="node"`` channel (and on
+        Windows) a message with handles has been written when ``send``
+        returns (unless the send was cancelled: then it may still be queued,
+        and the handle must stay open until :meth:`flush` or
+        :meth:`aclose`). With ``keep_open=False`` ipcbus closes the handle
+        once the peer acknowledged receipt.
 
         Raises CodecError (a value the codec refuses, or over the size
         limit), HandleError (not a handle, or a channel that cannot carry
@@ -302,20 +322,28 @@ class AsyncChannel(FrontendState):
             if self._buffered() >= self._high_water:
                 yielded = True
                 await self._wait_room()
-            if handle is None and handles is None:
-                self._queue(data, None, None, keep_open)
+            if (handle is None and handles is None) or self._owns_fds:
+                # (The queued message carries our own duplicates of the fds.)
+                self._queue(data, handle, handles, keep_open)
                 return
             if getattr(self._core, "_held", None) is not None:
                 # Frames wait for the peer's proof (authkey): the fds must not
                 # be taken from the caller before they can be written.
                 yielded = True
                 await self.wait_handshake()
-            self._queue(data, handle, handles, keep_open)
+            release = self._queue(data, handle, handles, keep_open)
             target = self._segs_taken + self._queued_segments()
             yielded = True
-            await self._wait_written(target)
-            if getattr(self._core, "awaiting_ack", False):
-                await self._wait_handle_answer()
+            try:
+                await self._wait_written(target)
+                if getattr(self._core, "awaiting_ack", False):
+                    await self._wait_handle_answer()
+            except IPCError:
+                if release is not None:
+                    # Not sent: the caller keeps its handles; a later
+                    # teardown must not close them.
+                    self._core.withdraw_release(release)
+                raise
         finally:
             if not yielded:
                 # The message is queued: this round lets the writer send it.
@@ -417,6 +445,8 @@ class AsyncChannel(FrontendState):
             n = await stream.send(view, fds)
             wrote = True
             self._written += n
+            if fds and self._owns_fds:
+                close_fds(fds)  # our duplicates rode on this write
             if self._closed:
                 return
             view = view[n:]
@@ -430,6 +460,16 @@ class AsyncChannel(FrontendState):
             if self._progress:
                 self._progress.unpark_all()
 
+    def _drop_output(self) -> None:
+        # Nothing queued will be written: close the duplicated fds it carries.
+        fds = self._core.drop_output()
+        if self._partial is not None:
+            fds += self._partial[1]
+        self._partial = None
+        self._partial_len = 0
+        if self._owns_fds:
+            close_fds(fds)
+
     def _write_failed(self, exc: BaseException) -> None:
         if self._closed:
             return
@@ -438,8 +478,7 @@ class AsyncChannel(FrontendState):
             # peer sent before it left may still be waiting to be read.
             self._send_error = exc
             self._core.close_sending()
-            self._partial = None
-            self._partial_len = 0
+            self._drop_output()
             self._progress.unpark_all()
         else:
             self._fail(exc)
@@ -685,8 +724,7 @@ class AsyncChannel(FrontendState):
             self._stream.close_nowait()
         finally:
             self._discard_pending()
-            self._partial = None
-            self._partial_len = 0
+            self._drop_output()
             for lot in (self._wake, self._progress, self._read_done):
                 lot.unpark_all()
 
@@ -746,6 +784,9 @@ def _abandon(
     except Exception:  # outside the trio thread; the socket closes itself when collected
         pass
     _Leftovers(core, name)._discard_pending()
+    fds = core.drop_output()
+    if type(core) is Connection and sys.platform != "win32":
+        close_fds(fds)  # the channel's duplicates (AsyncChannel._owns_fds)
     try:
         token.run_sync_soon(wake.unpark_all)  # the writer task notices and ends
     except trio.RunFinishedError:

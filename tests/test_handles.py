@@ -996,3 +996,23 @@ def test_bench_handles_smoke() -> None:
     for row in ("raw send_fds x1", "raw send_fds x16", "mp send_handle", "ipcbus blocking", "ipcbus trio"):
         assert row in out.stdout, out.stdout
     assert "target ipcbus blocking >= 0.7x" in out.stdout
+
+
+def test_a_failed_keep_open_false_send_leaves_the_handle_with_the_caller() -> None:
+    # The peer is gone, so send raises: the handle was not handed over and
+    # stays the caller's (it may offer it to another peer, as the cluster's
+    # round-robin acceptor does). Closing the channel must not close it.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    try:
+        a, b = ipcbus.pair()
+        b.close()
+        time.sleep(0.05)  # a lone send: written (and refused) before send returns
+        with pytest.raises(ipcbus.ChannelClosed):
+            a.send("x", handle=sock, keep_open=False)
+        a.close()
+        assert sock.fileno() >= 0
+        sock.sendto(b"still mine", sock.getsockname())
+        assert sock.recv(100) == b"still mine"
+    finally:
+        sock.close()

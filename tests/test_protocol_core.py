@@ -1110,3 +1110,59 @@ def test_receive_one_returns_a_round_trips_answer_and_queues_the_rest() -> None:
     assert conn.receive_one(frame(FRAME_DATA, b"\xc1")) is None
     with pytest.raises(CodecError):
         conn.next_event()
+
+
+def test_lone_message_takes_only_a_whole_plain_frame_for_the_application() -> None:
+    conn = opened()
+    one = frame(FRAME_DATA, msgpack.packb({"n": 1}))
+    assert conn.lone_message(one) == Message({"n": 1}, None)
+    # Not taken (nothing consumed): an internal message, a value that does
+    # not decode, part of a frame, two frames. receive_data then parses them.
+    for data in (
+        frame(FRAME_DATA, msgpack.packb({"cmd": "IPCBUS_X"})),
+        frame(FRAME_DATA, b"\xc1"),
+        one[:5],
+        one + one,
+    ):
+        assert conn.lone_message(data) is None
+    conn.receive_data(frame(FRAME_DATA, msgpack.packb({"cmd": "IPCBUS_X"})))
+    assert [type(ev) for ev in drain(conn)] == [InternalMessage]
+    conn.receive_data(one[:5])
+    assert conn.lone_message(one[5:]) is None  # a frame is under way
+    conn.receive_data(one[5:])
+    assert messages(drain(conn)) == [{"n": 1}]
+    conn.receive_data(frame(FRAME_DATA, b"\xc1"))
+    with pytest.raises(CodecError):
+        conn.next_event()
+
+
+def test_drop_output_hands_back_every_queued_fd_held_frames_too() -> None:
+    # A frontend closing its channel closes the duplicated fds of what was
+    # never written, including frames held back until authentication.
+    conn = make(authkey=KEY, nonce=N1)
+    conn.send("held", [(DESC, 60)])
+    conn.send("held too", [(DESC, 61), (DESC, 62)], multi=True)
+    conn.send_encoded(msgpack.packb("plain"))
+    assert sorted(conn.drop_output()) == [60, 61, 62]
+    assert conn.drop_output() == []
+    a, _ = connected()
+    a.send("queued", [(DESC, 63)])
+    a.send_encoded(msgpack.packb("plain"))
+    assert a.drop_output() == [63]
+    assert not a.has_output() and a.output_size == 0 and a.queued_fds == 0
+
+
+def test_a_withdrawn_release_token_is_neither_released_nor_handed_back() -> None:
+    a, b = connected()
+    a.send("sent", [(DESC, 70)], release="t1")
+    a.send("failed", [(DESC, 71)], release="t2")
+    a.withdraw_release("t2")  # its send raised: the caller keeps the handle
+    assert a.take_unreleased() == ["t1"]
+    a, b = connected()
+    a.send("one", [(DESC, 72)], release="t1")
+    a.send("two", [(DESC, 73)], release="t2")
+    a.withdraw_release("t1")
+    pump(a, b)
+    drain(b)
+    pump(b, a)  # one ACK for both frames: the withdrawn one keeps its place
+    assert [t for ev in drain(a) for t in ev.tokens] == ["t2"]

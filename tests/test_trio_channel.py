@@ -572,6 +572,60 @@ def test_AsyncChannel_aclose_closes_unread_handles() -> None:
     run(main)
 
 
+def test_AsyncChannel_handle_burst_caller_closes_at_once() -> None:
+    # On POSIX the channel queues its own duplicates: the caller closes its
+    # pipe ends right after send/send_nowait, the messages are batched, and
+    # the peer still reads from every fd it got. No fd is left afterwards.
+    async def main() -> None:
+        before = fd_count()
+        a, b = ipcbus.trio.pair()
+        async with a, b:
+            for i in range(40):
+                r, w = os.pipe()
+                os.write(w, b"%d" % i)
+                os.close(w)
+                with ipcbus.Handle(r) as h:
+                    if i % 2:
+                        a.send_nowait(i, handle=h)
+                    else:
+                        await a.send(i, handle=h)
+            for i in range(40):
+                msg = await b.recv()
+                assert msg.data == i
+                with msg.handle as h:
+                    assert os.read(h.fileno(), 10) == b"%d" % i
+        gc.collect()
+        assert fd_count() == before
+
+    run(main)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs POSIX fds (duplicated handles)")
+def test_AsyncChannel_aclose_closes_queued_duplicates() -> None:
+    # Handle messages still queued when the channel goes (the peer never
+    # read, the flush was cut short): their duplicated fds are closed.
+    async def main() -> None:
+        before = fd_count()
+        a, b = ipcbus.trio.pair()
+        r, w = os.pipe()
+        h = ipcbus.Handle(r)
+        try:
+            with trio.move_on_after(0.5):
+                while True:  # until the socket buffer and HIGH_WATER are full
+                    await a.send(b"x" * 60_000, handle=h)
+            assert a._core.queued_fds > 0  # duplicates are waiting
+            with trio.move_on_after(0.5):
+                await a.aclose()
+            await b.aclose()
+        finally:
+            h.close()
+            os.close(w)
+        gc.collect()
+        assert fd_count() == before
+
+    run(main)
+
+
 def test_AsyncChannel_keep_open_false_closes_after_ack() -> None:
     async def main() -> None:
         a, b = ipcbus.trio.pair()

@@ -224,7 +224,10 @@ class Master:
                 continue
             except OSError:
                 break
-            while conn.fileno() >= 0:  # else the library closed it with a failed channel
+            # A failed send leaves the connection ours: offer it to the next
+            # worker. (A channel torn down while the send was under way may
+            # have closed it: then the client sees a reset.)
+            while conn.fileno() >= 0:
                 with self.cond:
                     # The hand-over happens under the lock that _retire takes,
                     # so a worker never gets a connection after its leave.
