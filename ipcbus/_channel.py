@@ -415,15 +415,17 @@ class Channel(FrontendState):
             or before >= FLUSH_AT
         ):
             self.flush()  # a lone handle message goes out now, a burst in runs
-            # A write draws about one acknowledgement, however many
-            # messages it carried: weigh writes, not messages.
-            self._handle_sends += ACK_PUMP_EVERY
+            weight = ACK_PUMP_EVERY
         else:
-            self._handle_sends += 1
-            self._schedule_flush()
-        if release is not None or self._handle_sends >= ACK_PUMP_EVERY * ACK_PUMP_EVERY:
-            self._handle_sends = 0
-            if self._core.releases_pending:
+            weight = 1
+            if not self._scheduled:
+                self._schedule_flush()
+        if release is not None or core.releases_pending:
+            # A write draws about one acknowledgement, however many messages
+            # it carried: weigh writes, not messages.
+            self._handle_sends += weight
+            if release is not None or self._handle_sends >= ACK_PUMP_EVERY * ACK_PUMP_EVERY:
+                self._handle_sends = 0
                 self._pump_acks()
 
     def _close_owned(self, fds: list[int]) -> None:

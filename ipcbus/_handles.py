@@ -18,6 +18,7 @@ is the family the envelope's dgramType implies (0: AF_INET or AF_INET6).
 
 from __future__ import annotations
 
+import _socket
 import errno
 import io
 import os
@@ -43,6 +44,12 @@ _TYPES = {socket.SOCK_STREAM: 1, socket.SOCK_DGRAM: 2, getattr(socket, "SOCK_SEQ
 _TYPE_CODES = {code: typ for typ, code in _TYPES.items() if typ != -1}
 
 _FD_DESC = bytes([KIND_FD, 0, 0, 0])
+
+# socket.socket's family and type properties convert the C values to enums in
+# Python (about 0.7 us each, a measurable share of a passed socket): read the
+# C attributes of _socket.socket underneath them instead.
+_raw_family = _socket.socket.__dict__["family"].__get__
+_raw_type = _socket.socket.__dict__["type"].__get__
 
 _MODE_READ = 1
 _MODE_WRITE = 2
@@ -147,8 +154,8 @@ def describe(obj: Any) -> tuple[bytes, int]:
         fd = obj.fileno()
         if fd < 0:
             raise HandleError(f"cannot send a closed socket: {obj!r}")
-        fam = _FAMILIES.get(obj.family)
-        typ = _TYPES.get(obj.type)
+        fam = _FAMILIES.get(_raw_family(obj))
+        typ = _TYPES.get(_raw_type(obj))
         if fam is None or typ is None:
             raise HandleError(f"cannot send a socket of family {obj.family!r} and type {obj.type!r}")
         listening = 0
@@ -219,7 +226,7 @@ def _restore(desc: bytes, fd: int) -> Any:
                 raise
             raise HandleError(f"declared a socket, but the fd is {_kind_name(os.fstat(fd).st_mode)}") from None
         try:
-            if sock.family != family or sock.type != typ:
+            if _raw_family(sock) != family or _raw_type(sock) != typ:
                 raise HandleError(
                     f"declared {family.name}/{typ.name}, got {sock.family.name}/{sock.type.name}"
                 )

@@ -427,7 +427,7 @@ class Connection:
             self._check_can_send()
         if self._out or self._pending or self._held is not None:
             return None
-        limit = self.peer.peer_max_message_size if self.peer else self.max_message_size
+        limit = self._send_limit
         if length > limit:
             raise CodecError(f"message of {length} bytes exceeds the max_message_size of {limit}")
         self._hrun = None
@@ -473,7 +473,7 @@ class Connection:
             return
         self._seal_pending()
         length = len(payload)
-        limit = self.peer.peer_max_message_size if self.peer else self.max_message_size
+        limit = self._send_limit
         if length > limit:
             raise CodecError(f"message of {length} bytes exceeds the max_message_size of {limit}")
         out = self._held if (self._held is not None and ftype == FRAME_DATA) else self._out
@@ -500,8 +500,7 @@ class Connection:
             self._seal_pending()
         n = len(handles)
         length = len(payload) + n * HANDLE_DESCRIPTOR_SIZE + 1
-        peer = self.peer
-        limit = peer.peer_max_message_size if peer else self.max_message_size
+        limit = self._send_limit
         if length > limit or n > self.max_handles or not self.handles_allowed:
             if length > limit:
                 raise CodecError(f"message of {length} bytes exceeds the max_message_size of {limit}")
@@ -926,6 +925,29 @@ class Connection:
                             pos = end
                             continue
                     events.append(_tuple_new(Message, (value, None)))
+                elif nh == 1 and ftype == FRAME_DATA and not reserved and length > 5 and self._fds and (
+                    (claim := self._fds[0])[1] > self._consumed + pos or claim[1] == self._run_end
+                ) and view[pos + 8] <= _HANDLE_FLAGS and self.max_handles:
+                    # The common handle frame (one fd, claimed in order),
+                    # inline; anything unusual takes _parse_other's path.
+                    self._fds.popleft()
+                    self._run_end = claim[1]
+                    flags = view[pos + 8]
+                    if flags & HANDLES_ACK:
+                        self._acks_due += 1
+                    try:
+                        value = decode(view[pos + 13 : end])
+                    except CodecError:
+                        self._orphans.append(claim[0])
+                        raise
+                    handles = [(bytes(view[pos + 9 : pos + 13]), claim[0])]
+                    if type(value) is dict:
+                        cmd = value.get("cmd")
+                        if type(cmd) is str and cmd.startswith(prefixes):
+                            events.append(self._internal(value, handles, bool(flags & HANDLES_LIST)))
+                            pos = end
+                            continue
+                    events.append(_tuple_new(RawMessage, (value, handles, bool(flags & HANDLES_LIST))))
                 else:
                     self._parse_other(view, pos, length, ftype, nh, reserved)
                 pos = end
@@ -977,33 +999,6 @@ class Connection:
     def _parse_other(
         self, view: memoryview, pos: int, length: int, ftype: int, nh: int, reserved: int
     ) -> None:
-        if nh == 1 and ftype == FRAME_DATA and not reserved and length > 5 and self.max_handles:
-            # The common handle frame (one fd, its claim in order), in fewer
-            # steps; anything unusual takes the general path below.
-            fds = self._fds
-            if fds:
-                fd, chunk_end = fds[0]
-                flags = view[pos + 8]
-                if (chunk_end > self._consumed + pos or chunk_end == self._run_end) and flags <= _HANDLE_FLAGS:
-                    fds.popleft()
-                    self._run_end = chunk_end
-                    if flags & HANDLES_ACK:
-                        self._acks_due += 1
-                    start = pos + 8
-                    try:
-                        value = self.codec.decode(view[start + 5 : start + length])
-                    except CodecError:
-                        self._orphans.append(fd)
-                        raise
-                    handles = [(bytes(view[start + 1 : start + 5]), fd)]
-                    multi = bool(flags & HANDLES_LIST)
-                    if type(value) is dict:
-                        cmd = value.get("cmd")
-                        if type(cmd) is str and cmd.startswith(self._prefixes):
-                            self._events.append(self._internal(value, handles, multi))
-                            return
-                    self._events.append(_tuple_new(RawMessage, (value, handles, multi)))
-                    return
         if reserved:
             raise ProtocolError(f"reserved header field is {reserved:#x}, must be 0")
         start = pos + 8
@@ -1190,6 +1185,7 @@ class Connection:
         )
         if self._authkey is not None:
             self.peer = peer
+            self._send_limit = peer_max
             self._state = _AUTH
             self._queue_frame(FRAME_AUTH, self._proof(self._role, nonce, self._nonce), (), False, None)
         else:
