@@ -125,6 +125,11 @@ class AsyncChannel(FrontendState):
         # The segment the writer is writing: (rest of it, its fds).
         self._partial: tuple[memoryview, list[int]] | None = None
         self._partial_len = 0
+        # Set by a read that returned data, cleared by a write: the next send
+        # is a reply (or the next request) and is written at once (native
+        # core only: direct_header).
+        self._read_since_write = False
+        self._lone_ok = type(core) is Connection
         # POSIX native channels queue handle messages with duplicated fds
         # (duplicate_fds): send returns at once and a burst of them is
         # batched; the writer closes each duplicate once it went out.
@@ -242,7 +247,8 @@ class AsyncChannel(FrontendState):
         Raises ``trio.WouldBlock`` (nothing queued) while the output buffer
         holds :data:`HIGH_WATER` bytes or more; ``await send(...)`` or
         ``await flush()`` then waits for the peer. The message is written by
-        the channel's writer task once the caller reaches a checkpoint. A
+        the channel's writer task once the caller reaches a checkpoint (the
+        first one after a read, a reply, is written at once). A
         handle sent this way may be closed at once on a POSIX native channel
         (as with :meth:`send`); elsewhere it must stay open until
         ``flush()`` returned. Other errors as :meth:`send`.
@@ -274,6 +280,9 @@ class AsyncChannel(FrontendState):
                 payload = self._fast_encode(data)
             except (TypeError, ValueError, OverflowError) as exc:
                 raise encode_error(core.codec, data, exc) from exc
+            if self._read_since_write and not quick and self._partial is None:
+                self._send_lone(payload)  # a reply: written at once (see send)
+                return
             if self._quick_ok and len(payload) <= QUICK_MAX:
                 quick.append(payload)
             else:
@@ -322,7 +331,16 @@ class AsyncChannel(FrontendState):
             if self._buffered() >= self._high_water:
                 yielded = True
                 await self._wait_room()
-            if (handle is None and handles is None) or self._owns_fds:
+            plain = handle is None and handles is None
+            if plain and self._read_since_write and not self._quick and self._partial is None:
+                # The first send after a read (a reply, the next request),
+                # with nothing of ours queued or being written: written now,
+                # not by the writer task a scheduling round later. (Every
+                # send writing at once would cost a burst a write per
+                # message, and the socket buffer a kernel buffer each.)
+                self._send_lone(self._encode(data))
+                return
+            if plain or self._owns_fds:
                 # (The queued message carries our own duplicates of the fds.)
                 self._queue(data, handle, handles, keep_open)
                 return
@@ -444,6 +462,7 @@ class AsyncChannel(FrontendState):
                 view, fds = partial
             n = await stream.send(view, fds)
             wrote = True
+            self._read_since_write = False
             self._written += n
             if fds and self._owns_fds:
                 close_fds(fds)  # our duplicates rode on this write
@@ -459,6 +478,35 @@ class AsyncChannel(FrontendState):
                 self._segs_done += 1
             if self._progress:
                 self._progress.unpark_all()
+
+    def _send_lone(self, payload: bytes) -> None:
+        # Write header and payload with one non-blocking send; what the
+        # kernel does not take goes to the writer task.
+        core = self._core
+        header = core.direct_header(len(payload))
+        if header is None:  # something is queued or held: keep the order
+            core.send_encoded(payload)
+            self._kick()
+            return
+        frame = header + payload
+        self._read_since_write = False
+        try:
+            n = self._stream.send_nowait(frame)
+        except IPCError as exc:
+            self._write_failed(exc)
+            self._check_send()
+            raise
+        if not n:
+            core.send_encoded(payload)
+            self._kick()
+            return
+        self._written += n
+        if n < len(frame):
+            # The rest is the writer's first job (a segment of its own).
+            self._partial = (memoryview(frame)[n:], [])
+            self._partial_len = len(frame) - n
+            self._segs_taken += 1
+            self._kick()
 
     def _drop_output(self) -> None:
         # Nothing queued will be written: close the duplicated fds it carries.
@@ -589,6 +637,7 @@ class AsyncChannel(FrontendState):
             if self._closed:
                 close_fds(fds)
                 raise ChannelClosed("recv on a closed channel")
+            self._read_since_write = self._lone_ok
             core = self._core
             core.receive_data(data, fds)
             if core.has_output() and self._wake:

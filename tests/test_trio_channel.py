@@ -403,6 +403,49 @@ def test_AsyncChannel_burst_goes_out_in_few_writes() -> None:
     run(main)
 
 
+def test_AsyncChannel_reply_is_written_at_once_by_the_sending_task() -> None:
+    # The first send after a read is a reply (or the next request): written
+    # by send itself with one non-blocking write, not by the writer task a
+    # scheduling round later; a burst still goes to the writer.
+    writer_writes = direct_writes = 0
+
+    class CountingStream(AsyncSocketStream):
+        async def send(self, data: Any, fds: Any = ()) -> int:
+            nonlocal writer_writes
+            writer_writes += 1
+            return await super().send(data, fds)
+
+        def send_nowait(self, data: Any) -> int:
+            nonlocal direct_writes
+            direct_writes += 1
+            return super().send_nowait(data)
+
+    async def main() -> None:
+        s1, s2 = socket.socketpair()
+        a = AsyncChannel._open(AsyncSocketStream(s1, name="socketpair", trusted=True), "peer")
+        b = AsyncChannel._open(CountingStream(s2, name="socketpair", trusted=True), "peer")
+        async with a, b:
+            for i in range(20):
+                await a.send({"ask": i})
+                assert (await b.recv()).data == {"ask": i}
+                before = writer_writes
+                if i % 2:
+                    await b.send({"answer": i})
+                else:
+                    b.send_nowait({"answer": i})
+                assert writer_writes == before  # not the writer task's write
+                assert (await a.recv()).data == {"answer": i}
+            assert direct_writes == 20
+            for i in range(100):  # a burst after the replies: the writer's
+                b.send_nowait(i)
+            await b.flush()
+            assert direct_writes == 20 and writer_writes >= 1
+            for i in range(100):
+                assert (await a.recv()).data == i
+
+    run(main)
+
+
 # ------------------------------------------------------ internal messages
 
 

@@ -123,6 +123,14 @@ class AsyncStream(ABC):
     def close_nowait(self) -> None:  # noqa: B027 - optional capability
         """Close without waiting (for cleanup paths that cannot await)."""
 
+    def send_nowait(self, data: bytes | bytearray | memoryview) -> int:
+        """Write a prefix of ``data`` (no fds) without waiting: how many
+        bytes went out. 0 when the kernel took none, or when the stream has
+        no such write (this default): the caller then queues ``data`` for
+        its writer. An optional capability; a lone message skips a round of
+        the scheduler with it."""
+        return 0
+
     def peer_credentials(self) -> tuple[int, int, int] | None:
         return None
 

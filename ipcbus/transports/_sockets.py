@@ -277,6 +277,16 @@ class AsyncSocketStream(AsyncStream):
                 return await self._sock.sendmsg([data], _ancillary(fds), _SEND_FLAGS)
             return await self._sock.send(data, _SEND_FLAGS)
 
+    def send_nowait(self, data: bytes | bytearray | memoryview) -> int:
+        if _WINDOWS:  # pragma: no cover - no MSG_DONTWAIT there: the writer task writes
+            return 0
+        try:
+            return self._stdlib.send(data, _SEND_NOWAIT)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise _translated(self.transport_name, exc) from exc
+
     async def receive(self, max_bytes: int, max_fds: int) -> tuple[bytes, list[int]]:
         import trio
 
