@@ -290,6 +290,8 @@ class Channel(FrontendState):
                     self._settle()
                 self._core.send(data, described, multi=multi, release=release)
             self.flush()
+            if getattr(self._core, "awaiting_ack", False):
+                self._wait_handle_answer()  # (protocol="node")
         except BaseException:
             if release is not None:
                 # Not sent: the caller keeps its handles (and may send them
@@ -310,14 +312,6 @@ class Channel(FrontendState):
             self._handle_sends = 0
             if self._core.releases_pending:
                 self._pump_acks()
-        if getattr(self._core, "awaiting_ack", False):
-            try:
-                self._wait_handle_answer()
-            except BaseException:
-                if release is not None:
-                    with self._lock:
-                        self._core.withdraw_release(release)
-                raise
 
     def _send_plain(self, payload: bytes) -> None:
         if self._closed:
