@@ -425,12 +425,16 @@ class Channel(FrontendState):
     def _close_owned(self, fds: list[int]) -> None:
         if fds and self._owns_fds:  # (POSIX only: plain os.close)
             borrowed = self._borrowed
-            for fd in fds:
-                if fd not in borrowed:
-                    try:
+            if borrowed:
+                fds = [fd for fd in fds if fd not in borrowed]
+            it = iter(fds)
+            while True:
+                try:
+                    for fd in it:  # (a burst's worth of fds: keep the loop tight)
                         os.close(fd)
-                    except OSError:
-                        pass
+                    return
+                except OSError:
+                    pass  # that fd is gone either way: close the rest
 
     def _wait_handle_answer(self) -> None:
         # Node's protocol holds every later message until the peer answers a

@@ -500,13 +500,8 @@ class Connection:
             self._seal_pending()
         n = len(handles)
         length = len(payload) + n * HANDLE_DESCRIPTOR_SIZE + 1
-        limit = self._send_limit
-        if length > limit or n > self.max_handles or not self.handles_allowed:
-            if length > limit:
-                raise CodecError(f"message of {length} bytes exceeds the max_message_size of {limit}")
-            if n > self.max_handles:
-                raise HandleError(f"{n} handles in one message; the limit is {self.max_handles}")
-            raise HandleError("this channel cannot carry handles")
+        if length > self._send_limit or n > self.max_handles or not self.handles_allowed:
+            self._refuse_handles(length, n)
         if n == 1:
             descs, fd = handles[0]
             fds = [fd]
@@ -515,8 +510,8 @@ class Connection:
             fds = [fd for _, fd in handles]
         if len(descs) != n * HANDLE_DESCRIPTOR_SIZE:
             raise HandleError("malformed handle descriptors")
-        flags = (HANDLES_LIST if multi else 0) | (0 if release is None else HANDLES_ACK)
-        frame = b"".join((FRAME.pack(length, FRAME_DATA, n, 0), _FLAG_BYTES[flags], descs, payload))
+        flags = _FLAG_BYTES[(HANDLES_LIST if multi else 0) | (0 if release is None else HANDLES_ACK)]
+        frame = b"".join((FRAME.pack(length, FRAME_DATA, n, 0), flags, descs, payload))
         # A handle frame starts its own segment, so that its fds ride on the
         # sendmsg that carries its first byte; handle frames queued right
         # behind it (nothing else in between, segment not yet taken) join
@@ -525,18 +520,14 @@ class Connection:
         held = self._held
         out = self._out if held is None else held
         run = self._hrun
-        if run is not None and out and out[-1] is run[0]:
-            seg = run[0]
-            size = len(seg[0])
-            if size == run[1] and len(seg[1]) + n <= SCM_MAX_FD and size < SEGMENT_TARGET:
-                seg[0] += frame
-                seg[1] += fds
-                run[1] = size + len(frame)
-            else:
-                run = None
+        if (
+            run is not None and out and out[-1] is (seg := run[0]) and len(seg[0]) == run[1]
+            and len(seg[1]) + n <= SCM_MAX_FD and run[1] < SEGMENT_TARGET
+        ):
+            seg[0] += frame
+            seg[1] += fds
+            run[1] += len(frame)
         else:
-            run = None
-        if run is None:
             seg = [bytearray(frame), fds]
             out.append(seg)
             self._hrun = [seg, len(frame)]
@@ -545,6 +536,13 @@ class Connection:
             self.queued_fds += n
         if release is not None:
             self._unacked.append(release)
+
+    def _refuse_handles(self, length: int, n: int) -> None:
+        if length > self._send_limit:
+            raise CodecError(f"message of {length} bytes exceeds the max_message_size of {self._send_limit}")
+        if n > self.max_handles:
+            raise HandleError(f"{n} handles in one message; the limit is {self.max_handles}")
+        raise HandleError("this channel cannot carry handles")
 
     def _send_control(self, message: dict[str, Any]) -> None:
         self._queue_frame(FRAME_CONTROL, msgpack.packb(message), (), False, None)
