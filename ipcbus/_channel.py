@@ -144,7 +144,7 @@ class Channel(FrontendState):
         self._read_since_write = False
         self._scheduled = False
         self._flush_wait = 0.0
-        self._flush_mark: tuple[int, int, float] = (0, 0, 0.0)
+        self._flush_mark = 0.0  # _last_write at the flusher's last look
         self._flusher_wrote = 0.0  # _last_write after the flusher's own write
         self._handle_sends = 0
         self._ack_mark = -1  # output_size when only acknowledgements were queued
@@ -615,12 +615,8 @@ class Channel(FrontendState):
         if not self._scheduled:
             self._scheduled = True
             self._flush_wait = _flusher.DELAY
-            self._flush_mark = self._progress()
+            self._flush_mark = self._last_write
             _flusher.schedule(self)
-
-    def _progress(self) -> tuple[int, int, float]:
-        # Changes whenever this end queues or writes.
-        return len(self._quick), self._core.output_size, self._last_write
 
     def _background_flush(self) -> float | None:
         if self._closed:
@@ -632,10 +628,9 @@ class Channel(FrontendState):
         # HOLD_WINDOW). Writing parts of it from here, or waking every DELAY,
         # hands the GIL back and forth with the sending thread: a quarter of
         # a handle burst's throughput.
-        mark = self._progress()
-        last = mark[2]
-        if last != self._flush_mark[2] and last != self._flusher_wrote:
-            self._flush_mark = mark
+        last = self._last_write
+        if last != self._flush_mark and last != self._flusher_wrote:
+            self._flush_mark = last
             self._flush_wait = wait = min(self._flush_wait * 2, HOLD_WINDOW)
             return wait
         self._scheduled = False
