@@ -870,7 +870,7 @@ class Channel(FrontendState):
         acks_only = not before or before == self._ack_mark
         if was_open and acks_only and self._partial is None and after < ACK_WRITE_AT:
             # Only acknowledgements (and pongs) are queued: leave them for the
-            # flusher (about a millisecond), so that a stream of handle
+            # flusher (a millisecond or a few), so that a stream of handle
             # messages is acknowledged in a few writes, not one per message;
             # each write would wake the sender, which steals the CPU from us.
             self._ack_mark = after
