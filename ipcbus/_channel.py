@@ -144,8 +144,7 @@ class Channel(FrontendState):
         self._read_since_write = False
         self._scheduled = False
         self._flush_wait = 0.0
-        self._flush_mark = 0.0  # _last_write at the flusher's last look
-        self._flusher_wrote = 0.0  # _last_write after the flusher's own write
+        self._flush_mark = 0.0  # _last_write at the flusher's last look or write
         self._handle_sends = 0
         self._ack_mark = -1  # output_size when only acknowledgements were queued
         self._closed = False
@@ -629,7 +628,7 @@ class Channel(FrontendState):
         # hands the GIL back and forth with the sending thread: a quarter of
         # a handle burst's throughput.
         last = self._last_write
-        if last != self._flush_mark and last != self._flusher_wrote:
+        if last != self._flush_mark:
             self._flush_mark = last
             self._flush_wait = wait = min(self._flush_wait * 2, HOLD_WINDOW)
             return wait
@@ -638,7 +637,7 @@ class Channel(FrontendState):
             done = self._write_some()
         except (IPCError, TimeoutError):
             return None
-        self._flusher_wrote = self._last_write
+        self._flush_mark = self._last_write  # (our own write is not the sender's)
         return None if done else _flusher.DELAY  # the peer is slow: again soon
 
     def _exit_flush(self) -> None:
@@ -725,11 +724,9 @@ class Channel(FrontendState):
                             return message
                     self._lock_acquire()
                     try:
-                        message = core.receive_one(data, fds)
+                        core.feed(data, fds)  # (the shortcut was tried above)
                     finally:
                         self._lock_release()
-                    if message is not None:
-                        return message  # (a plain frame: nothing to answer)
                     if core._out or core._pending:
                         self._answer(0, True)
                     if core._events and core._lazy is None:

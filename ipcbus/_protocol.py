@@ -634,7 +634,7 @@ class Connection:
             message = self.lone_message(data)
             if message is not None:
                 return message
-        self._feed(data, fds)
+        self.feed(data, fds)
         return None
 
     def receive_data(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> None:
@@ -646,7 +646,7 @@ class Connection:
             if message is not None:
                 self._events.append(message)
                 return
-        self._feed(data, fds)
+        self.feed(data, fds)
 
     def _new_one(self) -> Any:
         # The decoder of lone_message (msgpack only), with the codec's options.
@@ -658,8 +658,8 @@ class Connection:
         exactly one plain frame for the application and nothing is buffered
         before it, consume it and return its Message, parsed from the read
         itself without copying it into the buffer. Else None, with nothing
-        consumed: feed ``data`` with :meth:`receive_data` (a value that does
-        not decode, or an internal message, is then handled there).
+        consumed: feed ``data`` with :meth:`feed` (a value that does not
+        decode, or an internal message, is then handled there).
 
         It touches only the receiving side's state, so a frontend may call
         it holding its reader's lock alone, not the lock its senders take.
@@ -698,8 +698,9 @@ class Connection:
         self._consumed += length + 8
         return _tuple_new(Message, (value, None))
 
-    def _feed(self, data: bytes | bytearray | memoryview, fds: Sequence[int]) -> None:
-        # receive_data past its one-frame shortcut.
+    def feed(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> None:
+        """:meth:`receive_data` without its :meth:`lone_message` shortcut, for
+        a frontend that already tried that shortcut on ``data`` itself."""
         if self._big is not None and data and not self._eof:
             data = self._fill_big(data)
             if not data and not fds:
