@@ -567,6 +567,7 @@ class Contender:
     child: Callable[[Ctx], None] | None = None
     missing: Callable[[], str | None] = lambda: None
     node: bool = False
+    env: dict[str, str] = field(default_factory=dict)  # for its run process
 
 
 _trio_nowait = trio_funcs(nowait=True)
@@ -574,6 +575,14 @@ _trio_await = trio_funcs(nowait=False)
 
 CONTENDERS = [
     Contender("ipcbus", "ipcbus blocking", ipcbus_setup, ipcbus_parent, ipcbus_child),
+    Contender(
+        "ipcbus-py",
+        "ipcbus blocking, pure Python",
+        ipcbus_setup,
+        ipcbus_parent,
+        ipcbus_child,
+        env={"IPCBUS_NO_SPEEDUPS": "1"},
+    ),
     Contender(
         "ipcbus-trio", "ipcbus trio (nowait)", trio_setup, _trio_nowait[0], _trio_nowait[1], missing=trio_missing
     ),
@@ -792,7 +801,7 @@ def launch(contender: Contender, wl: Workload, pin_cpu: int | None, timeout: flo
         stdin=subprocess.DEVNULL,
         start_new_session=True,  # Ctrl-C reaches us only; we end the whole group
         preexec_fn=preexec,
-        env={**os.environ, "PYTHONHASHSEED": "0"},
+        env={**os.environ, "PYTHONHASHSEED": "0", **contender.env},
     )
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -844,10 +853,14 @@ def machine() -> str:
         mp_v = "msgpack " + ".".join(map(str, msgpack.version))
     except ImportError:
         mp_v = "msgpack absent"
+    from ipcbus._fastpath import ACCELERATED
+
+    accel = "built and used" if ACCELERATED else "not in use (pure Python rows only)"
     return (
         f"machine: nproc={os.cpu_count()} (affinity {len(ALL_CPUS)}), CPU {model}\n"
         f"python {platform.python_version()} ({platform.python_implementation()}), node {node}, {mp_v}, {zmq_v}, "
-        f"{platform.system()} {platform.release()}"
+        f"{platform.system()} {platform.release()}\n"
+        f"ipcbus C accelerator (ipcbus._speedups): {accel}"
     )
 
 

@@ -29,6 +29,7 @@ from ._errors import (
     HeartbeatTimeout,
     IPCError,
 )
+from ._fastpath import burst_send, lazy_recv
 from ._frontend import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     QUICK_COUNT,
@@ -201,6 +202,9 @@ class Channel(FrontendState):
 
     # ------------------------------------------------------------------ sending
 
+    @burst_send(
+        quick="_quick", encode="_encode", full="_quick_full", plain="_send_plain", count=QUICK_COUNT, limit=QUICK_MAX
+    )
     def send(
         self,
         data: Any,
@@ -319,9 +323,13 @@ class Channel(FrontendState):
             return
         # A send right after a read is a reply (or the next request), and a
         # send after an idle gap is lone: either goes out at once. Sends
-        # closer together than that are a burst, written in batches.
-        lone = self._read_since_write or _monotonic() - self._last_write >= LONE_SEND_GAP
-        if lone and not self._quick and self._partial is None and self._write_lone(payload):
+        # closer together than that are a burst, written in batches; so are
+        # sends while the kernel took only part of our last write (the peer
+        # is behind: a write per message would only meet a full buffer).
+        lone = self._partial is None and (
+            self._read_since_write or _monotonic() - self._last_write >= LONE_SEND_GAP
+        )
+        if lone and not self._quick and self._write_lone(payload):
             return
         if not lone and self._quick_ok and len(payload) <= QUICK_MAX:
             self._core.check_can_send()
@@ -670,6 +678,7 @@ class Channel(FrontendState):
 
     # ---------------------------------------------------------------- receiving
 
+    @lazy_recv(core="_core", lazy="_lazy", failed="_lazy_failed")
     def recv(self, timeout: float | None = None) -> Message:
         """The next message: ``data, handle = channel.recv()``.
 
@@ -690,8 +699,7 @@ class Channel(FrontendState):
                 for message in lazy:
                     return message
             except Exception as exc:  # the decoder's own exception types
-                with self._lock:
-                    core.batch_failed(exc)
+                self._lazy_failed(exc)
         elif core._events:
             message = self._take_parsed()
             if message is not None:
@@ -755,6 +763,12 @@ class Channel(FrontendState):
                 result = self._handle_event(ev)
                 if result is not None:
                     return result
+
+    def _lazy_failed(self, exc: Exception) -> None:
+        # A value of the batch being delivered did not decode: the core
+        # queues the error where the batch broke (the caller then asks it).
+        with self._lock:
+            self._core.batch_failed(exc)
 
     def _take_parsed(self) -> Message | None:
         # A message already parsed, taken without the locks: deque.popleft
@@ -957,8 +971,7 @@ class Channel(FrontendState):
                 try:
                     yield from lazy
                 except Exception as exc:  # the decoder's own exception types
-                    with self._lock:
-                        core.batch_failed(exc)
+                    self._lazy_failed(exc)
             try:
                 yield recv()
             except ChannelClosed:

@@ -274,7 +274,7 @@ class FrontendState:
             items = quick[:]
             del quick[: len(items)]
             try:
-                self._core.send_encoded_many(items)
+                self._core.send_encoded_many(items, QUICK_MAX)
             except IPCError:
                 pass  # the channel failed: the next send raises its error
 

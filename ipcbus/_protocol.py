@@ -22,7 +22,7 @@ from bisect import bisect_right
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, repeat
+from itertools import accumulate
 from typing import Any, NamedTuple
 
 import msgpack
@@ -35,6 +35,7 @@ from ._errors import (
     HandshakeError,
     ProtocolError,
 )
+from ._fastpath import messages
 from ._message import Message
 from .codecs import Codec, MsgpackCodec
 
@@ -379,36 +380,48 @@ class Connection:
         self._queue_frame(FRAME_DATA, payload, (), False, None)
         return before
 
-    def send_encoded_many(self, payloads: list[bytes]) -> None:
+    def send_encoded_many(self, payloads: list[bytes], max_size: int | None = None) -> None:
         """Queue several already-encoded plain messages, in order (a
         frontend's burst). Those of a batching codec share BATCH frames
-        without being handled one by one here."""
+        without being handled one by one here. ``max_size``: a bound on
+        every payload's size that the caller already knows (a frontend's
+        burst list takes only small ones), which saves measuring them."""
         if self._error is not None or self._closed_for_sending:
             self._check_can_send()
-        if len(payloads) < 2 or self.pending_limit < 0 or max(map(len, payloads)) > self.pending_limit:
+        limit = self.pending_limit
+        if (
+            len(payloads) < 2 or limit < 0
+            or not ((max_size is not None and max_size <= limit) or max(map(len, payloads)) <= limit)
+        ):
             for payload in payloads:
                 self.send_encoded(payload)
             return
         pending = self._pending
-        ends = list(accumulate(map(len, payloads)))
-        if len(pending) + ends[-1] <= BATCH_TARGET:
+        joined = b"".join(payloads)
+        if len(joined) <= BATCH_TARGET:
+            # The common case: one frame's worth, after what pending holds
+            # or (if that does not fit too) in a frame of its own.
+            if len(pending) + len(joined) > BATCH_TARGET:
+                self._seal_pending()
             if not pending:
                 self._pending_one = -1  # more than one value: a BATCH frame
-            pending += b"".join(payloads)
+            pending += joined
             return
-        # More than one batch holds: cut at value boundaries, BATCH_TARGET
-        # bytes at most per frame (bisect over the running sizes).
-        if pending:
-            self._seal_pending()
+        # More than one batch: cut at value boundaries, BATCH_TARGET bytes
+        # at most per frame (bisect over the running sizes).
+        self._seal_pending()
+        ends = list(accumulate(map(len, payloads)))
+        view = memoryview(joined)
         start = 0
         while start < len(payloads):
             base = ends[start - 1] if start else 0
             stop = max(bisect_right(ends, base + BATCH_TARGET), start + 1)
-            pending += b"".join(payloads[start:stop])
+            pending += view[base : ends[stop - 1]]
             self._pending_one = len(pending) if stop - start == 1 else -1
             start = stop
             if start < len(payloads):
                 self._seal_pending()
+        view.release()
 
     def check_can_send(self) -> None:
         """Raise the channel's error, or ChannelClosed once sending is over."""
@@ -831,7 +844,7 @@ class Connection:
 
     def _start_lazy(self, batch: _LazyBatch) -> None:
         self._lazy_batch = batch
-        self._lazy = map(tuple.__new__, repeat(Message), zip(batch.unpacker, repeat(None)))
+        self._lazy = messages(batch.unpacker)
 
     def _end_lazy(self) -> None:
         # Every value of the batch was delivered: it must have ended there.

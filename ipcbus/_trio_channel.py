@@ -34,6 +34,7 @@ import trio
 
 from . import _heartbeat
 from ._errors import ChannelClosed, HandshakeError, HandshakeTimeout, HeartbeatTimeout, IPCError, TransportError
+from ._fastpath import burst_send, lazy_recv
 from ._frontend import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     QUICK_MAX,
@@ -234,6 +235,14 @@ class AsyncChannel(FrontendState):
             self._wake.unpark_all()
         return release
 
+    @burst_send(
+        quick="_quick",
+        encode="_fast_encode",
+        full="_settle",
+        plain="_send_plain",
+        count=TRIO_QUICK_COUNT,
+        limit=QUICK_MAX,
+    )
     def send_nowait(
         self,
         data: Any,
@@ -255,42 +264,47 @@ class AsyncChannel(FrontendState):
         """
         if self._closed or self._send_error is not None:
             self._check_send()
-        plain = handle is None and handles is None
-        quick = self._quick
-        if plain and quick:
-            # A burst in progress: the message joins its list (the high-water
-            # mark is checked when the list goes to the core).
+        if handle is None and handles is None:
             try:
                 payload = self._fast_encode(data)
             except (TypeError, ValueError, OverflowError) as exc:
                 raise encode_error(self._core.codec, data, exc) from exc
-            if len(payload) <= QUICK_MAX:
+            quick = self._quick
+            if quick and len(payload) <= QUICK_MAX:
+                # A burst in progress: the message joins its list (the
+                # high-water mark is checked when the list goes to the core).
+                # _teardown and _drop_output empty the list, so a closed or
+                # failed channel never gets here.
                 quick.append(payload)
                 if len(quick) >= TRIO_QUICK_COUNT:
                     self._settle()
                 return
+            self._send_plain(payload)
+            return
+        if self._core.output_size + self._partial_len >= self._high_water:
+            self._kick()
+            raise trio.WouldBlock
+        self._queue(data, handle, handles, keep_open)
+
+    def _send_plain(self, payload: bytes) -> None:
+        # send_nowait of an encoded plain message that does not join a burst
+        # in progress: the first of a burst, a reply, or a large one.
+        quick = self._quick
+        if quick:
             self._settle()
         core = self._core
         if core.output_size + self._partial_len >= self._high_water:
             self._kick()
             raise trio.WouldBlock
-        if plain:
-            # _queue inlined: this is the bulk path.
-            try:
-                payload = self._fast_encode(data)
-            except (TypeError, ValueError, OverflowError) as exc:
-                raise encode_error(core.codec, data, exc) from exc
-            if self._read_since_write and not quick and self._partial is None:
-                self._send_lone(payload)  # a reply: written at once (see send)
-                return
-            if self._quick_ok and len(payload) <= QUICK_MAX:
-                quick.append(payload)
-            else:
-                core.send_encoded(payload)
-            if self._wake:
-                self._wake.unpark_all()
+        if self._read_since_write and not quick and self._partial is None:
+            self._send_lone(payload)  # a reply: written at once (see send)
             return
-        self._queue(data, handle, handles, keep_open)
+        if self._quick_ok and len(payload) <= QUICK_MAX:
+            quick.append(payload)
+        else:
+            core.send_encoded(payload)
+        if self._wake:
+            self._wake.unpark_all()
 
     async def send(
         self,
@@ -510,6 +524,7 @@ class AsyncChannel(FrontendState):
 
     def _drop_output(self) -> None:
         # Nothing queued will be written: close the duplicated fds it carries.
+        self._quick.clear()
         fds = self._core.drop_output()
         if self._partial is not None:
             fds += self._partial[1]
@@ -533,6 +548,7 @@ class AsyncChannel(FrontendState):
 
     # ---------------------------------------------------------------- receiving
 
+    @lazy_recv(core="_core", lazy="_lazy", failed="_lazy_failed")
     def recv_nowait(self) -> Message:
         """The next message if one was already read and parsed, else
         ``trio.WouldBlock``. Never reads from the transport (``await recv()``
@@ -547,7 +563,7 @@ class AsyncChannel(FrontendState):
                 for message in lazy:
                     return message
             except Exception as exc:  # the decoder's own exception types
-                core.batch_failed(exc)
+                self._lazy_failed(exc)
         while True:
             try:
                 ev = core.next_event()
@@ -563,6 +579,11 @@ class AsyncChannel(FrontendState):
             result = self._handle_event(ev)
             if result is not None:
                 return result
+
+    def _lazy_failed(self, exc: Exception) -> None:
+        # A value of the batch being delivered did not decode: the core
+        # queues the error where the batch broke (the caller then asks it).
+        self._core.batch_failed(exc)
 
     async def recv(self) -> Message:
         """The next message: ``data, handle = await channel.recv()``.

@@ -1,0 +1,95 @@
+"""The per-message hot paths, in C when ipcbus._speedups was built.
+
+Each helper returns the pure-Python behaviour unchanged when the accelerator
+is missing (no compiler at install time, Windows, or ``IPCBUS_NO_SPEEDUPS=1``
+in the environment), so the Python code it wraps is always the reference:
+the C versions handle only the common case and hand every other call to it.
+
+    burst_send(...)   decorator for a send method (the burst path in C)
+    lazy_recv(...)    decorator for a recv method (a batch's next message in C)
+    messages(values)  an iterator of Message(value, None)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Iterable, Iterator
+from itertools import repeat
+from typing import Any, TypeVar
+
+from ._message import Message
+
+__all__ = ["ACCELERATED", "burst_send", "lazy_recv", "messages"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_speedups: Any
+if os.environ.get("IPCBUS_NO_SPEEDUPS"):
+    _speedups = None
+else:
+    try:
+        from . import _speedups
+    except ImportError:
+        _speedups = None
+
+#: True when the C accelerator is in use.
+ACCELERATED = _speedups is not None
+
+
+def burst_send(*, quick: str, encode: str, full: str, plain: str, count: int, limit: int) -> Callable[[F], F]:
+    """Decorate a ``send(self, data, ...)`` whose burst path is::
+
+        quick_list = self.<quick>
+        if quick_list:                      # a burst is being collected
+            payload = self.<encode>(data)   # TypeError etc.: the method's error
+            if len(payload) <= limit:
+                quick_list.append(payload)
+                if len(quick_list) >= count:
+                    self.<full>()
+                return
+            return self.<plain>(payload)
+
+    The C version runs exactly that for ``send(data)`` and calls the method
+    itself for every other call (and when encoding fails, so that the method
+    raises its own error).
+    """
+
+    def decorate(fn: F) -> F:
+        if _speedups is None:
+            return fn
+        fast = _speedups.BurstSend(fn, quick, encode, full, plain, count, limit)
+        functools.update_wrapper(fast, fn)
+        return fast  # type: ignore[no-any-return]
+
+    return decorate
+
+
+def lazy_recv(*, core: str, lazy: str, failed: str) -> Callable[[F], F]:
+    """Decorate a ``recv(self, ...)`` whose first step is::
+
+        it = self.<core>.<lazy>
+        if it is not None:
+            for message in it:
+                return message      # the next message of a batch
+            # (an exception from it: self.<failed>(exc), then the method)
+
+    The C version runs that for ``recv()`` and calls the method itself when
+    there is no batch, at its end, and for every call with arguments.
+    """
+
+    def decorate(fn: F) -> F:
+        if _speedups is None:
+            return fn
+        fast = _speedups.LazyRecv(fn, core, lazy, failed)
+        functools.update_wrapper(fast, fn)
+        return fast  # type: ignore[no-any-return]
+
+    return decorate
+
+
+def messages(values: Iterable[Any]) -> Iterator[Message]:
+    """``Message(value, None)`` for each of ``values``, lazily."""
+    if _speedups is not None:
+        return _speedups.Messages(values, Message)  # type: ignore[no-any-return]
+    return map(tuple.__new__, repeat(Message), zip(values, repeat(None)))
