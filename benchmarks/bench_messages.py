@@ -179,6 +179,35 @@ def ipcbus_child(ctx: Ctx) -> None:
         ch.close()
 
 
+def ipcbus_many_parent(ctx: Ctx) -> dict[str, Any]:
+    a, b = ctx.state["ends"]
+    b.close()
+    with a:
+        a.recv(timeout=30)  # ready
+        recv_many = a.recv_many
+        t0 = ctx.go()
+        got = 0
+        while got < ctx.n:
+            got += len(recv_many())
+        return stream_result(time.perf_counter() - t0, ctx.n)
+
+
+def ipcbus_many_child(ctx: Ctx) -> None:
+    a, b = ctx.state["ends"]
+    a.close()
+    with b:
+        b.send("ready")
+        b.flush()
+        ctx.wait_go()
+        n = ctx.n
+        send_many = b.send_many
+        for start in range(0, n, RAW_BATCH):  # as many per call as the raw loop per write
+            send_many([small(i) for i in range(start, min(n, start + RAW_BATCH))])
+        b.flush()
+        with contextlib.suppress(Exception):
+            b.recv(timeout=RUN_TIMEOUT)
+
+
 # ---------------------------------------------------------------- ipcbus trio
 
 
@@ -210,11 +239,14 @@ def trio_open(sock: socket.socket) -> Any:
     return AsyncChannel._open(AsyncSocketStream(sock, name="socketpair", trusted=True), "peer", codec="msgpack")
 
 
-def trio_funcs(nowait: bool) -> tuple[Callable[[Ctx], Any], Callable[[Ctx], None]]:
+def trio_funcs(style: str) -> tuple[Callable[[Ctx], Any], Callable[[Ctx], None]]:
+    """style: "await" (send/recv), "nowait" (send_nowait/recv_nowait, waiting
+    only on trio.WouldBlock) or "many" (send_many/recv_many, streaming only)."""
+
     def make_io(ch: Any) -> tuple[Callable[[Any], Any], Callable[[], Any]]:
         import trio
 
-        if not nowait:
+        if style != "nowait":
             return ch.send, ch.recv
 
         async def send(msg: Any) -> None:
@@ -261,6 +293,19 @@ def trio_funcs(nowait: bool) -> tuple[Callable[[Ctx], Any], Callable[[Ctx], None
                 if ctx.workload == "bulk":
                     for _ in range(ctx.n):
                         nbytes += len((await recv())[0])
+                elif style == "nowait":
+                    # The bulk idiom, inline (a wrapper coroutine per message
+                    # would cost as much as the call it wraps).
+                    recv_nowait, recv_wait = ch.recv_nowait, ch.recv
+                    for _ in range(ctx.n):
+                        try:
+                            recv_nowait()
+                        except trio.WouldBlock:
+                            await recv_wait()
+                elif style == "many":
+                    got = 0
+                    while got < ctx.n:
+                        got += len(await ch.recv_many())
                 else:
                     for _ in range(ctx.n):
                         await recv()
@@ -291,6 +336,18 @@ def trio_funcs(nowait: bool) -> tuple[Callable[[Ctx], Any], Callable[[Ctx], None
                     payload = b"a" * BULK_SIZE
                     for _ in range(ctx.n):
                         await send(payload)
+                elif style == "nowait":
+                    send_nowait, send_wait = ch.send_nowait, ch.send
+                    for i in range(ctx.n):
+                        msg = small(i)
+                        try:
+                            send_nowait(msg)
+                        except trio.WouldBlock:
+                            await send_wait(msg)
+                elif style == "many":
+                    n = ctx.n
+                    for start in range(0, n, RAW_BATCH):
+                        await ch.send_many([small(i) for i in range(start, min(n, start + RAW_BATCH))])
                 else:
                     for i in range(ctx.n):
                         await send(small(i))
@@ -568,26 +625,45 @@ class Contender:
     missing: Callable[[], str | None] = lambda: None
     node: bool = False
     env: dict[str, str] = field(default_factory=dict)  # for its run process
+    kinds: tuple[str, ...] | None = None  # the workload kinds it runs (None: all)
 
 
-_trio_nowait = trio_funcs(nowait=True)
-_trio_await = trio_funcs(nowait=False)
+_trio_nowait = trio_funcs("nowait")
+_trio_await = trio_funcs("await")
+_trio_many = trio_funcs("many")
 
 CONTENDERS = [
     Contender("ipcbus", "ipcbus blocking", ipcbus_setup, ipcbus_parent, ipcbus_child),
     Contender(
         "ipcbus-py",
-        "ipcbus blocking, pure Python",
+        "ipcbus, pure Python",
         ipcbus_setup,
         ipcbus_parent,
         ipcbus_child,
         env={"IPCBUS_NO_SPEEDUPS": "1"},
     ),
     Contender(
+        "ipcbus-many",
+        "ipcbus send_many/recv_many",
+        ipcbus_setup,
+        ipcbus_many_parent,
+        ipcbus_many_child,
+        kinds=("stream",),
+    ),
+    Contender(
         "ipcbus-trio", "ipcbus trio (nowait)", trio_setup, _trio_nowait[0], _trio_nowait[1], missing=trio_missing
     ),
     Contender(
         "ipcbus-trio-await", "ipcbus trio (await)", trio_setup, _trio_await[0], _trio_await[1], missing=trio_missing
+    ),
+    Contender(
+        "ipcbus-trio-many",
+        "ipcbus trio *_many",
+        trio_setup,
+        _trio_many[0],
+        _trio_many[1],
+        missing=trio_missing,
+        kinds=("stream",),
     ),
     Contender("raw-packb", "raw socketpair+packb", raw_setup, raw_parent, raw_child_funcs(False)),
     Contender("raw-packer", "raw socketpair+Packer", raw_setup, raw_parent, raw_child_funcs(True)),
@@ -1025,15 +1101,20 @@ def coordinate(args: argparse.Namespace) -> int:
     print("note: a loaded or shared machine widens the spread; compare rows of one run, not across runs")
 
     skipped = {c.key: c.missing() for c in contenders}
+    def skip_reason(c: Contender, wl: Workload) -> str | None:
+        if c.kinds is not None and wl.kind not in c.kinds:
+            return f"runs only: {', '.join(c.kinds)}"
+        return skipped[c.key]
+
     table: dict[int, dict[str, Row]] = {
-        i: {c.key: Row(c, skipped=skipped[c.key]) for c in contenders} for i in range(len(wls))
+        i: {c.key: Row(c, skipped=skip_reason(c, wl)) for c in contenders} for i, wl in enumerate(wls)
     }
     interrupted = False
     try:
         for rnd in range(args.rounds):
             t_round = time.monotonic()
             for i, wl in enumerate(wls):
-                active = [c for c in contenders if not skipped[c.key]]
+                active = [c for c in contenders if not table[i][c.key].skipped]
                 # Rotate the order each round so no contender always goes first.
                 k = rnd % len(active) if active else 0
                 for c in active[k:] + active[:k]:

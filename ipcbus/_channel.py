@@ -16,7 +16,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -34,10 +34,12 @@ from ._frontend import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     QUICK_COUNT,
     QUICK_MAX,
+    RECV_MANY_MAX,
     RECV_SIZE,
     FrontendState,
     check_authentication,
     duplicate_fds,
+    encode_all,
     encode_error,
     fast_encoder,
     log_auth_failure,
@@ -389,6 +391,36 @@ class Channel(FrontendState):
             size = self._core.output_size
         if size >= FLUSH_AT:
             self.flush()  # backpressure: the peer is not keeping up
+        else:
+            self._flush_nowait()
+
+    def send_many(self, values: Iterable[Any]) -> None:
+        """Send each of ``values`` as a message of its own, in order: what a
+        loop of ``send(value)`` does, in fewer steps (encoded in one pass and
+        queued as one burst). Meant for many small messages.
+
+        Every value is encoded before any is queued: if one cannot be (a
+        CodecError naming its position, or one over the size limit), none of
+        them is sent. What the kernel takes is written before ``send_many``
+        returns, the rest like a burst's tail (within a few milliseconds, or
+        by the next ``recv``, ``flush`` or ``close``); once the output
+        buffer is full it waits for the peer (backpressure), as ``send``
+        does. Plain messages only: handles go with :meth:`send`.
+
+        Raises CodecError, ChannelClosed, or the channel's earlier error.
+        """
+        if self._closed:
+            raise ChannelClosed("send on a closed channel")
+        payloads = encode_all(self._core.codec, self._encode, values)
+        if not payloads:
+            return
+        with self._lock:
+            if self._quick:
+                self._settle()
+            self._core.send_encoded_many(payloads)
+            size = self._core.output_size
+        if size >= FLUSH_AT:
+            self.flush()  # backpressure
         else:
             self._flush_nowait()
 
@@ -763,6 +795,26 @@ class Channel(FrontendState):
                 result = self._handle_event(ev)
                 if result is not None:
                     return result
+
+    def recv_many(self, max_count: int = RECV_MANY_MAX, timeout: float | None = None) -> list[Message]:
+        """The next message, waited for as :meth:`recv` does, and after it
+        those that have already arrived, without waiting: a list of 1 to
+        ``max_count`` messages, in order. Cheaper per message than ``recv``
+        for a reader that handles messages in chunks. (A chunk's messages
+        live at once: much larger chunks cost the cyclic GC more than the
+        calls they save.)
+
+        Takes what was already read and parsed; it never waits for more once
+        it has one message. Errors as :meth:`recv`; a fault found after the
+        first message (a bad value, the peer's EOF) is raised by the next
+        call, after the messages before it are returned.
+        """
+        if max_count < 1:
+            raise ValueError(f"max_count must be at least 1, not {max_count}")
+        out = [self.recv(timeout)]
+        if max_count > 1:
+            self._take_ready(out, max_count, self._lock)
+        return out
 
     def _lazy_failed(self, exc: Exception) -> None:
         # A value of the batch being delivered did not decode: the core

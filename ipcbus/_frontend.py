@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from functools import partial
+from itertools import islice
 from typing import Any
 
 from ._errors import AuthenticationError, CodecError, HandleError, IPCError, TransportError
@@ -51,6 +53,9 @@ RECV_SIZE = 256 * 1024
 # go to the core QUICK_COUNT at a time: one BATCH frame (<= 64 KiB), one write.
 QUICK_MAX = 256
 QUICK_COUNT = 1024
+# recv_many's default chunk: the messages of a chunk live at once, and past
+# a few dozen the cyclic GC's walks over them cost more than the calls saved.
+RECV_MANY_MAX = 64
 # The trio writer task coalesces on its own: smaller lists keep its rounds short.
 TRIO_QUICK_COUNT = 256
 
@@ -67,6 +72,24 @@ def fast_encoder(codec: Codec) -> Callable[[Any], bytes]:
 
 def encode_error(codec: Codec, value: Any, exc: BaseException) -> CodecError:
     return CodecError(f"{codec.name} cannot encode {type(value).__name__}: {exc}")
+
+
+def encode_all(codec: Codec, encode: Callable[[Any], bytes], values: Iterable[Any]) -> list[bytes]:
+    """Every one of ``values`` encoded (``send_many``), or a CodecError that
+    names the first that cannot be; then none of them is sent."""
+    items = values if type(values) is list else list(values)
+    try:
+        return list(map(encode, items))  # one C loop for the built-in msgpack
+    except (TypeError, ValueError, OverflowError, CodecError):
+        pass
+    for i, value in enumerate(items):  # which one?
+        try:
+            encode(value)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise CodecError(f"send_many: value {i}: {encode_error(codec, value, exc)}") from exc
+        except CodecError as exc:
+            raise CodecError(f"send_many: value {i}: {exc}") from exc
+    return list(map(encode, items))  # (an encoder that failed only once)
 
 
 def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -298,6 +321,40 @@ class FrontendState:
         return described, handles is not None, release
 
     # --- receiving side ------------------------------------------------------
+
+    def _take_ready(self, out: list[Message], max_count: int, lock: AbstractContextManager[Any]) -> None:
+        # recv_many after its first message: plain messages already parsed,
+        # without reading, until out holds max_count. Anything else (an
+        # internal message, one with handles, the end, an error) stays for
+        # the next call, so that what out holds is never lost to it.
+        core = self._core
+        while len(out) < max_count:
+            lazy = core._lazy
+            if lazy is not None:
+                try:
+                    out.extend(islice(lazy, max_count - len(out)))
+                except Exception as exc:  # the decoder's own exception types
+                    self._lazy_failed(exc)  # the next call raises it
+                    return
+                if len(out) >= max_count:
+                    return
+            with lock:
+                if core._lazy is None and not core._events:
+                    return
+                try:
+                    ev = core.next_event()  # ends the batch; the next one starts
+                except IPCError:
+                    return  # (sticky: the next call raises it)
+                if type(ev) is not Message:
+                    if ev is not NEED_DATA and type(ev) is not Closed:
+                        core._events.appendleft(ev)
+                    return
+            out.append(ev)
+
+    def _lazy_failed(self, exc: Exception) -> None:
+        """A value of the batch being delivered did not decode (each
+        frontend reports it to the core, under its own locking)."""
+        raise NotImplementedError
 
     def _restore(self, ev: RawMessage | InternalMessage) -> Message:
         handles = ev.handles

@@ -570,12 +570,16 @@ class NodeConnection:
         if self._error is not None or self._closed_for_sending:
             self._check_can_send()
 
-    def send_encoded_many(self, payloads: list[bytes]) -> None:
+    def send_encoded_many(self, payloads: list[bytes], max_size: int | None = None) -> None:
         """Queue several messages already encoded with ``codec``, in order
-        (a frontend's burst): one join, not one call per message."""
+        (a frontend's burst): one join, not one call per message. Nothing is
+        queued if one is over the size limit (CodecError). ``max_size``: a
+        bound on every payload's size the caller already knows."""
         if self._error is not None or self._closed_for_sending:
             self._check_can_send()
-        if self._behind is not None or max(map(len, payloads), default=0) > self.max_message_size:
+        if max_size is None or max_size > self.max_message_size:
+            self._check_size(max(map(len, payloads), default=0))
+        if self._behind is not None:
             for payload in payloads:
                 self.send_encoded(payload)
             return

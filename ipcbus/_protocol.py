@@ -383,16 +383,21 @@ class Connection:
     def send_encoded_many(self, payloads: list[bytes], max_size: int | None = None) -> None:
         """Queue several already-encoded plain messages, in order (a
         frontend's burst). Those of a batching codec share BATCH frames
-        without being handled one by one here. ``max_size``: a bound on
-        every payload's size that the caller already knows (a frontend's
-        burst list takes only small ones), which saves measuring them."""
+        without being handled one by one here. Nothing is queued if one is
+        over the size limit (CodecError). ``max_size``: a bound on every
+        payload's size that the caller already knows (a frontend's burst
+        list takes only small ones), which saves measuring them."""
         if self._error is not None or self._closed_for_sending:
             self._check_can_send()
         limit = self.pending_limit
-        if (
-            len(payloads) < 2 or limit < 0
-            or not ((max_size is not None and max_size <= limit) or max(map(len, payloads)) <= limit)
-        ):
+        if max_size is None or max_size > limit:
+            biggest = max(map(len, payloads), default=0)
+            if biggest > self._send_limit:
+                raise CodecError(f"message of {biggest} bytes exceeds the max_message_size of {self._send_limit}")
+            small = biggest <= limit
+        else:
+            small = True
+        if len(payloads) < 2 or limit < 0 or not small:
             for payload in payloads:
                 self.send_encoded(payload)
             return
