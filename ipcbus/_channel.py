@@ -38,6 +38,7 @@ from ._frontend import (
     RECV_SIZE,
     FrontendState,
     check_authentication,
+    check_max_count,
     duplicate_fds,
     encode_all,
     encode_error,
@@ -809,11 +810,9 @@ class Channel(FrontendState):
         first message (a bad value, the peer's EOF) is raised by the next
         call, after the messages before it are returned.
         """
-        if max_count < 1:
-            raise ValueError(f"max_count must be at least 1, not {max_count}")
+        check_max_count(max_count)
         out = [self.recv(timeout)]
-        if max_count > 1:
-            self._take_ready(out, max_count, self._lock)
+        self._take_ready(out, max_count, self._lock)
         return out
 
     def _lazy_failed(self, exc: Exception) -> None:

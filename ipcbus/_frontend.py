@@ -92,6 +92,12 @@ def encode_all(codec: Codec, encode: Callable[[Any], bytes], values: Iterable[An
     return list(map(encode, items))  # (an encoder that failed only once)
 
 
+def check_max_count(max_count: int) -> None:
+    """recv_many's argument: at least one message."""
+    if max_count < 1:
+        raise ValueError(f"max_count must be at least 1, not {max_count}")
+
+
 def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(channel options, transport options)."""
     chan = {k: v for k, v in options.items() if k in CHANNEL_OPTIONS}

@@ -23,11 +23,16 @@
 
 /* ------------------------------------------------------------------ shared */
 
+/* The attribute and method names a fast method looks up on the instance,
+ * interned once at construction. */
+#define MAX_NAMES 4
+
 typedef struct {
     PyObject_HEAD
+    vectorcallfunc vectorcall;
     PyObject *fallback;   /* the Python function: every other case */
     PyObject *dict;       /* __doc__, __name__, __wrapped__ (functools.wraps) */
-    vectorcallfunc vectorcall;
+    PyObject *names[MAX_NAMES];
 } FastMethod;
 
 static int
@@ -35,7 +40,26 @@ fastmethod_traverse(FastMethod *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->fallback);
     Py_VISIT(self->dict);
+    return 0;  /* (the names are interned strings) */
+}
+
+static int
+fastmethod_clear(FastMethod *self)
+{
+    Py_CLEAR(self->fallback);
+    Py_CLEAR(self->dict);
+    for (int i = 0; i < MAX_NAMES; i++) {
+        Py_CLEAR(self->names[i]);
+    }
     return 0;
+}
+
+static void
+fastmethod_dealloc(FastMethod *self)
+{
+    PyObject_GC_UnTrack(self);
+    fastmethod_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static PyObject *
@@ -48,54 +72,86 @@ fastmethod_get(PyObject *self, PyObject *obj, PyObject *type)
     return PyMethod_New(self, obj);
 }
 
+static PyObject *
+fastmethod_repr(FastMethod *self)
+{
+    return PyUnicode_FromFormat("<%s of %R>", Py_TYPE(self)->tp_name, self->fallback);
+}
+
 static PyGetSetDef fastmethod_getset[] = {
     {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict},
     {NULL},
 };
 
+/* A new fast method: fallback (callable), then `n` attribute names (str). */
+static FastMethod *
+fastmethod_new(PyTypeObject *type, vectorcallfunc call, PyObject *fallback, PyObject *const *names, int n)
+{
+    if (!PyCallable_Check(fallback)) {
+        PyErr_Format(PyExc_TypeError, "%s: fallback must be callable", type->tp_name);
+        return NULL;
+    }
+    FastMethod *self = (FastMethod *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->vectorcall = call;
+    Py_INCREF(fallback);
+    self->fallback = fallback;
+    for (int i = 0; i < n; i++) {
+        PyObject *name = names[i];
+        Py_INCREF(name);
+        PyUnicode_InternInPlace(&name);
+        self->names[i] = name;
+    }
+    return self;
+}
+
+#define FAST_METHOD_TYPE(STRUCT, NAME, NEW, DOC)                                             \
+    {                                                                                        \
+        PyVarObject_HEAD_INIT(NULL, 0)                                                       \
+        .tp_name = "ipcbus._speedups." NAME,                                                 \
+        .tp_doc = DOC,                                                                       \
+        .tp_basicsize = sizeof(STRUCT),                                                      \
+        .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL     \
+                    | Py_TPFLAGS_METHOD_DESCRIPTOR,                                          \
+        .tp_new = NEW,                                                                       \
+        .tp_dealloc = (destructor)fastmethod_dealloc,                                        \
+        .tp_traverse = (traverseproc)fastmethod_traverse,                                    \
+        .tp_clear = (inquiry)fastmethod_clear,                                               \
+        .tp_repr = (reprfunc)fastmethod_repr,                                                \
+        .tp_call = PyVectorcall_Call,                                                        \
+        .tp_vectorcall_offset = offsetof(FastMethod, vectorcall),                            \
+        .tp_descr_get = fastmethod_get,                                                      \
+        .tp_dictoffset = offsetof(FastMethod, dict),                                         \
+        .tp_getset = fastmethod_getset,                                                      \
+    }
+
 /* ---------------------------------------------------------------- BurstSend */
 
+enum { QUICK, ENCODE, FULL, PLAIN };  /* BurstSend's names */
+
 typedef struct {
-    FastMethod base;
-    PyObject *quick_name;   /* attribute: the burst's list of payloads */
-    PyObject *encode_name;  /* attribute: value -> bytes */
-    PyObject *full_name;    /* method called once the list holds `count` */
-    PyObject *plain_name;   /* method(payload): a payload the list refuses */
+    FastMethod base;     /* names: the burst's list of payloads (attribute), the
+                          * encoder (attribute, value -> bytes), the method called
+                          * once the list holds `count`, the method given a
+                          * payload the list refuses */
     Py_ssize_t count;
-    Py_ssize_t limit;       /* largest payload the list takes */
+    Py_ssize_t limit;    /* largest payload the list takes */
 } BurstSend;
-
-static int
-burstsend_clear(BurstSend *self)
-{
-    Py_CLEAR(self->base.fallback);
-    Py_CLEAR(self->base.dict);
-    Py_CLEAR(self->quick_name);
-    Py_CLEAR(self->encode_name);
-    Py_CLEAR(self->full_name);
-    Py_CLEAR(self->plain_name);
-    return 0;
-}
-
-static void
-burstsend_dealloc(BurstSend *self)
-{
-    PyObject_GC_UnTrack(self);
-    burstsend_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
 
 /* send(self, data): while a burst is being collected (the list is not
  * empty), encode and append; anything else is the Python method's. */
 static PyObject *
 burstsend_vectorcall(BurstSend *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
+    PyObject *const *names = self->base.names;
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     if (nargs != 2 || kwnames != NULL) {
         goto fallback;
     }
     PyObject *obj = args[0];
-    PyObject *quick = PyObject_GetAttr(obj, self->quick_name);
+    PyObject *quick = PyObject_GetAttr(obj, names[QUICK]);
     if (quick == NULL) {
         return NULL;
     }
@@ -103,7 +159,7 @@ burstsend_vectorcall(BurstSend *self, PyObject *const *args, size_t nargsf, PyOb
         Py_DECREF(quick);
         goto fallback;
     }
-    PyObject *encode = PyObject_GetAttr(obj, self->encode_name);
+    PyObject *encode = PyObject_GetAttr(obj, names[ENCODE]);
     if (encode == NULL) {
         Py_DECREF(quick);
         return NULL;
@@ -122,7 +178,7 @@ burstsend_vectorcall(BurstSend *self, PyObject *const *args, size_t nargsf, PyOb
     }
     if (!PyBytes_CheckExact(payload) || PyBytes_GET_SIZE(payload) > self->limit) {
         Py_DECREF(quick);
-        PyObject *result = PyObject_CallMethodOneArg(obj, self->plain_name, payload);
+        PyObject *result = PyObject_CallMethodOneArg(obj, names[PLAIN], payload);
         Py_DECREF(payload);
         return result;
     }
@@ -134,7 +190,7 @@ burstsend_vectorcall(BurstSend *self, PyObject *const *args, size_t nargsf, PyOb
         return NULL;
     }
     if (size >= self->count) {
-        PyObject *result = PyObject_CallMethodNoArgs(obj, self->full_name);
+        PyObject *result = PyObject_CallMethodNoArgs(obj, names[FULL]);
         if (result == NULL) {
             return NULL;
         }
@@ -150,108 +206,50 @@ static PyObject *
 burstsend_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"fallback", "quick", "encode", "full", "plain", "count", "limit", NULL};
-    PyObject *fallback, *quick_name, *encode_name, *full_name, *plain_name;
+    PyObject *fallback, *names[4];
     Py_ssize_t count, limit;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OUUUUnn:BurstSend", kwlist, &fallback, &quick_name,
-                                     &encode_name, &full_name, &plain_name, &count, &limit)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OUUUUnn:BurstSend", kwlist, &fallback, &names[QUICK],
+                                     &names[ENCODE], &names[FULL], &names[PLAIN], &count, &limit)) {
         return NULL;
     }
-    if (!PyCallable_Check(fallback)) {
-        PyErr_SetString(PyExc_TypeError, "BurstSend: fallback must be callable");
-        return NULL;
+    BurstSend *self = (BurstSend *)fastmethod_new(type, (vectorcallfunc)burstsend_vectorcall, fallback, names, 4);
+    if (self != NULL) {
+        self->count = count;
+        self->limit = limit;
     }
-    BurstSend *self = (BurstSend *)type->tp_alloc(type, 0);
-    if (self == NULL) {
-        return NULL;
-    }
-    self->base.vectorcall = (vectorcallfunc)burstsend_vectorcall;
-    Py_INCREF(fallback);
-    self->base.fallback = fallback;
-    Py_INCREF(quick_name);
-    PyUnicode_InternInPlace(&quick_name);
-    self->quick_name = quick_name;
-    Py_INCREF(encode_name);
-    PyUnicode_InternInPlace(&encode_name);
-    self->encode_name = encode_name;
-    Py_INCREF(full_name);
-    PyUnicode_InternInPlace(&full_name);
-    self->full_name = full_name;
-    Py_INCREF(plain_name);
-    PyUnicode_InternInPlace(&plain_name);
-    self->plain_name = plain_name;
-    self->count = count;
-    self->limit = limit;
     return (PyObject *)self;
 }
 
-static int
-burstsend_traverse(BurstSend *self, visitproc visit, void *arg)
-{
-    return fastmethod_traverse(&self->base, visit, arg);
-}
-
-static PyTypeObject BurstSend_Type = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "ipcbus._speedups.BurstSend",
-    .tp_doc = "BurstSend(fallback, quick, encode, full, plain, count, limit): a send method whose "
-              "burst path is in C; every other call goes to fallback.",
-    .tp_basicsize = sizeof(BurstSend),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL
-                | Py_TPFLAGS_METHOD_DESCRIPTOR,
-    .tp_new = burstsend_new,
-    .tp_dealloc = (destructor)burstsend_dealloc,
-    .tp_traverse = (traverseproc)burstsend_traverse,
-    .tp_clear = (inquiry)burstsend_clear,
-    .tp_call = PyVectorcall_Call,
-    .tp_vectorcall_offset = offsetof(FastMethod, vectorcall),
-    .tp_descr_get = fastmethod_get,
-    .tp_dictoffset = offsetof(FastMethod, dict),
-    .tp_getset = fastmethod_getset,
-};
+static PyTypeObject BurstSend_Type = FAST_METHOD_TYPE(
+    BurstSend, "BurstSend", burstsend_new,
+    "BurstSend(fallback, quick, encode, full, plain, count, limit): a send method whose burst path is in C; "
+    "every other call goes to fallback.");
 
 /* ----------------------------------------------------------------- LazyRecv */
 
-typedef struct {
-    FastMethod base;
-    PyObject *core_name;    /* attribute of the channel: its protocol core */
-    PyObject *lazy_name;    /* attribute of the core: the batch's iterator, or None */
-    PyObject *failed_name;  /* method(exc): the iterator raised */
-} LazyRecv;
+enum { CORE, LAZY, FAILED };  /* LazyRecv's names */
 
-static int
-lazyrecv_clear(LazyRecv *self)
-{
-    Py_CLEAR(self->base.fallback);
-    Py_CLEAR(self->base.dict);
-    Py_CLEAR(self->core_name);
-    Py_CLEAR(self->lazy_name);
-    Py_CLEAR(self->failed_name);
-    return 0;
-}
-
-static void
-lazyrecv_dealloc(LazyRecv *self)
-{
-    PyObject_GC_UnTrack(self);
-    lazyrecv_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
+/* names: the channel's protocol core (attribute), the core's iterator over
+ * the batch being delivered or None (attribute), the channel's method given
+ * the iterator's exception. */
+typedef FastMethod LazyRecv;
 
 /* recv(self): the next value of the batch being delivered, if there is one;
  * anything else (no batch, its end, arguments) is the Python method's. */
 static PyObject *
 lazyrecv_vectorcall(LazyRecv *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
+    PyObject *const *names = self->names;
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     if (nargs != 1 || kwnames != NULL) {
         goto fallback;
     }
     PyObject *obj = args[0];
-    PyObject *core = PyObject_GetAttr(obj, self->core_name);
+    PyObject *core = PyObject_GetAttr(obj, names[CORE]);
     if (core == NULL) {
         return NULL;
     }
-    PyObject *lazy = PyObject_GetAttr(core, self->lazy_name);
+    PyObject *lazy = PyObject_GetAttr(core, names[LAZY]);
     Py_DECREF(core);
     if (lazy == NULL) {
         return NULL;
@@ -277,7 +275,7 @@ lazyrecv_vectorcall(LazyRecv *self, PyObject *const *args, size_t nargsf, PyObje
             if (tb != NULL && value != NULL) {
                 PyException_SetTraceback(value, tb);
             }
-            PyObject *result = PyObject_CallMethodOneArg(obj, self->failed_name, value ? value : Py_None);
+            PyObject *result = PyObject_CallMethodOneArg(obj, names[FAILED], value ? value : Py_None);
             Py_XDECREF(type);
             Py_XDECREF(value);
             Py_XDECREF(tb);
@@ -292,65 +290,25 @@ lazyrecv_vectorcall(LazyRecv *self, PyObject *const *args, size_t nargsf, PyObje
     }
 
 fallback:
-    return PyObject_Vectorcall(self->base.fallback, args, nargsf, kwnames);
+    return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames);
 }
 
 static PyObject *
 lazyrecv_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"fallback", "core", "lazy", "failed", NULL};
-    PyObject *fallback, *core_name, *lazy_name, *failed_name;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OUUU:LazyRecv", kwlist, &fallback, &core_name, &lazy_name,
-                                     &failed_name)) {
+    PyObject *fallback, *names[3];
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OUUU:LazyRecv", kwlist, &fallback, &names[CORE], &names[LAZY],
+                                     &names[FAILED])) {
         return NULL;
     }
-    if (!PyCallable_Check(fallback)) {
-        PyErr_SetString(PyExc_TypeError, "LazyRecv: fallback must be callable");
-        return NULL;
-    }
-    LazyRecv *self = (LazyRecv *)type->tp_alloc(type, 0);
-    if (self == NULL) {
-        return NULL;
-    }
-    self->base.vectorcall = (vectorcallfunc)lazyrecv_vectorcall;
-    Py_INCREF(fallback);
-    self->base.fallback = fallback;
-    Py_INCREF(core_name);
-    PyUnicode_InternInPlace(&core_name);
-    self->core_name = core_name;
-    Py_INCREF(lazy_name);
-    PyUnicode_InternInPlace(&lazy_name);
-    self->lazy_name = lazy_name;
-    Py_INCREF(failed_name);
-    PyUnicode_InternInPlace(&failed_name);
-    self->failed_name = failed_name;
-    return (PyObject *)self;
+    return (PyObject *)fastmethod_new(type, (vectorcallfunc)lazyrecv_vectorcall, fallback, names, 3);
 }
 
-static int
-lazyrecv_traverse(LazyRecv *self, visitproc visit, void *arg)
-{
-    return fastmethod_traverse(&self->base, visit, arg);
-}
-
-static PyTypeObject LazyRecv_Type = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "ipcbus._speedups.LazyRecv",
-    .tp_doc = "LazyRecv(fallback, core, lazy, failed): a recv method that takes the next message of "
-              "the batch being delivered in C; every other call goes to fallback.",
-    .tp_basicsize = sizeof(LazyRecv),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL
-                | Py_TPFLAGS_METHOD_DESCRIPTOR,
-    .tp_new = lazyrecv_new,
-    .tp_dealloc = (destructor)lazyrecv_dealloc,
-    .tp_traverse = (traverseproc)lazyrecv_traverse,
-    .tp_clear = (inquiry)lazyrecv_clear,
-    .tp_call = PyVectorcall_Call,
-    .tp_vectorcall_offset = offsetof(FastMethod, vectorcall),
-    .tp_descr_get = fastmethod_get,
-    .tp_dictoffset = offsetof(FastMethod, dict),
-    .tp_getset = fastmethod_getset,
-};
+static PyTypeObject LazyRecv_Type = FAST_METHOD_TYPE(
+    LazyRecv, "LazyRecv", lazyrecv_new,
+    "LazyRecv(fallback, core, lazy, failed): a recv method that takes the next message of the batch being "
+    "delivered in C; every other call goes to fallback.");
 
 /* ----------------------------------------------------------------- Messages */
 

@@ -44,6 +44,7 @@ from ._frontend import (
     TRIO_QUICK_COUNT,
     FrontendState,
     check_authentication,
+    check_max_count,
     duplicate_fds,
     encode_all,
     encode_error,
@@ -613,22 +614,14 @@ class AsyncChannel(FrontendState):
                 return result
 
     async def recv_many(self, max_count: int = RECV_MANY_MAX) -> list[Message]:
-        """The next message, waited for as :meth:`recv` does, and after it
-        those that have already arrived, without waiting: a list of 1 to
-        ``max_count`` messages, in order. Cheaper per message than ``recv``
-        (one checkpoint per call, not per message). (A chunk's messages live
-        at once: much larger chunks cost the cyclic GC more than they save.)
-
-        Takes what was already read and parsed; it never waits for more once
-        it has one message. Errors as :meth:`recv`; a fault found after the
-        first message (a bad value, the peer's EOF) is raised by the next
-        call, after the messages before it are returned.
+        """What :meth:`ipcbus.Channel.recv_many` does, awaited: the next
+        message (waited for as :meth:`recv` does) and up to ``max_count - 1``
+        more that were already read, in order, for one checkpoint. A fault
+        found after the first message is raised by the next call.
         """
-        if max_count < 1:
-            raise ValueError(f"max_count must be at least 1, not {max_count}")
+        check_max_count(max_count)
         out = [await self.recv()]
-        if max_count > 1:
-            self._take_ready(out, max_count, nullcontext())
+        self._take_ready(out, max_count, nullcontext())
         return out
 
     def _lazy_failed(self, exc: Exception) -> None:
