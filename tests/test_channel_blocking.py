@@ -278,7 +278,7 @@ def test_large_payloads_written_directly_keep_their_place_in_the_stream() -> Non
 # ------------------------------------------------------ bursts and the flusher
 
 
-def _counting_pair() -> tuple[Any, Any, list[int]]:
+def _counting_pair(sndbuf: int | None = None) -> tuple[Any, Any, list[int]]:
     from ipcbus._channel import Channel
     from ipcbus.transports._sockets import SocketStream
 
@@ -290,6 +290,8 @@ def _counting_pair() -> tuple[Any, Any, list[int]]:
             return super().send(data, fds, block=block)
 
     s1, s2 = socket.socketpair()
+    if sndbuf is not None:
+        s1.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     a = Channel._open(CountingStream(s1, name="socketpair", trusted=True), "peer")
     b = Channel._open(SocketStream(s2, name="socketpair", trusted=True), "peer")
     a.send("hello")
@@ -311,6 +313,29 @@ def test_a_burst_goes_out_in_few_writes_and_its_tail_without_flush() -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_sends_while_the_peer_is_behind_join_the_burst() -> None:
+    # The kernel took only part of a write (the peer is not reading): the
+    # sends after it are queued as a burst, not each tried as a lone write
+    # against a full buffer, however long the gap since the last write.
+    a, b, writes = _counting_pair(sndbuf=4096)
+    try:
+        n = 0
+        while a._partial is None:  # a burst of small ones fills the buffer
+            a.send(n)
+            n += 1
+            assert n < 100_000
+        a._last_write -= 1.0  # long ago: these would be lone sends
+        before = writes[0]
+        for i in range(500):
+            a.send({"late": i})
+        assert writes[0] - before < 5
+        got = [b.recv(timeout=10).data for _ in range(n + 500)]
+        assert got == list(range(n)) + [{"late": i} for i in range(500)]
+    finally:
+        b.close()  # first: a's close would wait for a reader
+        a.close()
 
 
 def test_the_flusher_leaves_a_burst_its_sender_is_writing(monkeypatch: pytest.MonkeyPatch) -> None:

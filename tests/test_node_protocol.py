@@ -640,3 +640,13 @@ def test_node_protocol_core_imports_nothing_that_does_IO() -> None:
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             imported.add((node.module or "").split(".")[0])
     assert not imported & {"os", "socket", "select", "selectors", "trio", "subprocess", "threading", "asyncio"}
+
+
+def test_send_encoded_many_is_lines_in_order_and_all_or_nothing() -> None:
+    c = conn(max_message_size=1024)
+    c.send_encoded_many([b'"a"', b'{"b":1}'])
+    c.send_encoded_many([b"1", b"2"], 16)  # a size bound the caller knows
+    assert out_bytes(c) == b'"a"\n{"b":1}\n1\n2\n'
+    with pytest.raises(CodecError, match="exceeds the max_message_size"):
+        c.send_encoded_many([b'"fine"', b'"' + b"x" * 2000 + b'"'])
+    assert c.output_size == 0 and out_bytes(c) == b""

@@ -1094,6 +1094,33 @@ def test_send_encoded_many_cuts_batches_at_value_boundaries() -> None:
     assert messages(drain(b)) == ["first", *values, "one"]
 
 
+@pytest.mark.parametrize("max_size", [None, 64])
+def test_send_encoded_many_with_and_without_a_known_size_bound(max_size: int | None) -> None:
+    a = make()  # (the hello first in its output)
+    values = [f"value {i:05}" for i in range(20_000)]  # 12 bytes each
+    small = [msgpack.packb(v) for v in values]
+    for k in range(0, 20_000, 5000):  # 60 kB a call: each fits a frame, two do not
+        a.send_encoded_many(small[k : k + 5000], max_size)
+    a.send_encoded_many(small[:8000], max_size)  # more than a frame holds: cut
+    stream = wire(a)
+    frames = _frames(stream)
+    assert len(frames) >= 6 and all(t == FRAME_BATCH and n <= _protocol.BATCH_TARGET for t, n, _ in frames)
+    b = make(pid=20)
+    b.receive_data(stream)
+    assert messages(drain(b)) == values + values[:8000]
+
+
+def test_send_encoded_many_queues_nothing_when_one_is_over_the_limit() -> None:
+    a, b = connected(max_message_size=100_000)
+    before = a.output_size
+    with pytest.raises(CodecError, match="exceeds the max_message_size"):
+        a.send_encoded_many([msgpack.packb("ok"), msgpack.packb(b"x" * 200_000), msgpack.packb("ok too")])
+    assert a.output_size == before
+    a.send_encoded_many([msgpack.packb("after")])
+    b.receive_data(wire(a))
+    assert messages(drain(b)) == ["after"]
+
+
 def test_receive_one_returns_a_round_trips_answer_and_queues_the_rest() -> None:
     conn = opened()
     one = frame(FRAME_DATA, msgpack.packb({"n": 1}))
