@@ -38,17 +38,16 @@ ACCELERATED = _speedups is not None
 
 
 def burst_send(*, quick: str, encode: str, full: str, plain: str, count: int, limit: int) -> Callable[[F], F]:
-    """Decorate a ``send(self, data, ...)`` whose burst path is::
+    """Decorate a ``send(self, data, ...)`` whose path for ``send(data)`` is::
 
+        payload = self.<encode>(data)   # TypeError etc.: the method's error
         quick_list = self.<quick>
-        if quick_list:                      # a burst is being collected
-            payload = self.<encode>(data)   # TypeError etc.: the method's error
-            if len(payload) <= limit:
-                quick_list.append(payload)
-                if len(quick_list) >= count:
-                    self.<full>()
-                return
-            return self.<plain>(payload)
+        if quick_list and len(payload) <= limit:   # a burst is being collected
+            quick_list.append(payload)
+            if len(quick_list) >= count:
+                self.<full>()
+            return
+        self.<plain>(payload)           # lone, a reply, a burst's first, large
 
     The C version runs exactly that for ``send(data)`` and calls the method
     itself for every other call (and when encoding fails, so that the method

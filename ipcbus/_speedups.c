@@ -140,8 +140,9 @@ typedef struct {
     Py_ssize_t limit;    /* largest payload the list takes */
 } BurstSend;
 
-/* send(self, data): while a burst is being collected (the list is not
- * empty), encode and append; anything else is the Python method's. */
+/* send(self, data): encode; while a burst is being collected (the list is
+ * not empty) append a small payload, else hand the payload to `plain`.
+ * Other arguments, and values the encoder refuses, are the Python method's. */
 static PyObject *
 burstsend_vectorcall(BurstSend *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -155,7 +156,7 @@ burstsend_vectorcall(BurstSend *self, PyObject *const *args, size_t nargsf, PyOb
     if (quick == NULL) {
         return NULL;
     }
-    if (!PyList_CheckExact(quick) || PyList_GET_SIZE(quick) == 0) {
+    if (!PyList_CheckExact(quick)) {
         Py_DECREF(quick);
         goto fallback;
     }
@@ -176,7 +177,9 @@ burstsend_vectorcall(BurstSend *self, PyObject *const *args, size_t nargsf, PyOb
         }
         return NULL;
     }
-    if (!PyBytes_CheckExact(payload) || PyBytes_GET_SIZE(payload) > self->limit) {
+    if (PyList_GET_SIZE(quick) == 0 || !PyBytes_CheckExact(payload) || PyBytes_GET_SIZE(payload) > self->limit) {
+        /* No burst being collected (a lone send, a reply, a burst's first
+         * message), or a payload the list does not take. */
         Py_DECREF(quick);
         PyObject *result = PyObject_CallMethodOneArg(obj, names[PLAIN], payload);
         Py_DECREF(payload);
@@ -222,7 +225,7 @@ burstsend_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 
 static PyTypeObject BurstSend_Type = FAST_METHOD_TYPE(
     BurstSend, "BurstSend", burstsend_new,
-    "BurstSend(fallback, quick, encode, full, plain, count, limit): a send method whose burst path is in C; "
+    "BurstSend(fallback, quick, encode, full, plain, count, limit): a send method whose plain path is in C; "
     "every other call goes to fallback.");
 
 /* ----------------------------------------------------------------- LazyRecv */

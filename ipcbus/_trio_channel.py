@@ -293,6 +293,8 @@ class AsyncChannel(FrontendState):
     def _send_plain(self, payload: bytes) -> None:
         # send_nowait of an encoded plain message that does not join a burst
         # in progress: the first of a burst, a reply, or a large one.
+        if self._closed or self._send_error is not None:
+            self._check_send()  # (the C send_nowait comes here directly)
         quick = self._quick
         if quick:
             self._settle()

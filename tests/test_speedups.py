@@ -111,10 +111,10 @@ def test_burst_send_calls_full_at_count(speedups: Any) -> None:
     assert s._quick == [b"first"]
 
 
-def test_burst_send_falls_back_without_a_burst(speedups: Any) -> None:
+def test_burst_send_hands_the_payload_to_plain_without_a_burst(speedups: Any) -> None:
     s = make_sender(speedups, [])
-    assert s.send("x") == "fallback result"
-    assert s.calls == [("fallback", "x", None, True)]
+    assert s.send("x") == "plain result"
+    assert s.calls == [("plain", msgpack.packb("x"))]
     assert s._quick == []
 
 
@@ -165,15 +165,16 @@ def test_burst_send_propagates_other_errors(speedups: Any) -> None:
 
 
 def test_burst_send_is_a_method_with_the_wrapped_metadata(speedups: Any) -> None:
-    s = make_sender(speedups, [])
+    s = make_sender(speedups, [b"first"])
     cls = type(s)
     assert cls.__dict__["send"].__doc__ == "The Python send (the fallback)."
     assert cls.__dict__["send"].__wrapped__ is Sender.send
     assert inspect.signature(cls.__dict__["send"]) == inspect.signature(Sender.send)
     bound = s.send
     assert bound.__self__ is s
-    assert bound("x") == "fallback result"
-    assert cls.send(s, "y") == "fallback result"  # called through the class
+    assert bound("x", "h") == "fallback result"
+    assert cls.send(s, "y", "h") == "fallback result"  # called through the class
+    assert repr(cls.__dict__["send"]).startswith("<ipcbus._speedups.BurstSend of <function Sender.send")
 
 
 def test_burst_send_keeps_no_references(speedups: Any) -> None:
