@@ -216,3 +216,15 @@ def test_trio_send_many_checkpoints() -> None:
             assert [m.data for m in await b.recv_many()] == [3]
 
     trio.run(main)
+
+
+def test_send_many_and_recv_many_on_a_node_protocol_channel() -> None:
+    # protocol="node" (newline-delimited JSON): NODE_ messages are internal.
+    a, b = ipcbus.pair(protocol="node", codec="json")
+    with b:
+        with a:
+            a.send_many([{"i": i} for i in range(1000)] + [{"cmd": "NODE_X"}, "end"])
+        got = [m.data for chunk in drain(b, 1001) for m in chunk]
+        assert got == [{"i": i} for i in range(1000)] + ["end"]
+        with pytest.raises(ipcbus.ChannelClosed):
+            b.recv_many(timeout=10)
