@@ -256,14 +256,7 @@ class Channel(FrontendState):
                 if len(quick) >= QUICK_COUNT:
                     self._quick_full()
                 return
-            # A reply (or the next request): written at once, by the shortest
-            # path (half of every round trip).
-            if (
-                self._read_since_write and not quick and len(payload) < DIRECT_WRITE and not self._closed
-                and self._write_lone(payload)
-            ):
-                return
-            self._send_plain(payload)
+            self._send_plain(payload)  # lone, a reply, a burst's first, large
             return
         if self._closed:
             raise ChannelClosed("send on a closed channel")
@@ -452,8 +445,7 @@ class Channel(FrontendState):
             weight = ACK_PUMP_EVERY
         else:
             weight = 1
-            if not self._scheduled:
-                self._schedule_flush()
+            self._schedule_flush()
         if release is not None or core.releases_pending:
             # A write draws about one acknowledgement, however many messages
             # it carried: weigh writes, not messages.

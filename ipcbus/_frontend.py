@@ -82,14 +82,15 @@ def encode_all(codec: Codec, encode: Callable[[Any], bytes], values: Iterable[An
         return list(map(encode, items))  # one C loop for the built-in msgpack
     except (TypeError, ValueError, OverflowError, CodecError):
         pass
+    payloads = []
     for i, value in enumerate(items):  # which one?
         try:
-            encode(value)
+            payloads.append(encode(value))
         except (TypeError, ValueError, OverflowError) as exc:
             raise CodecError(f"send_many: value {i}: {encode_error(codec, value, exc)}") from exc
         except CodecError as exc:
             raise CodecError(f"send_many: value {i}: {exc}") from exc
-    return list(map(encode, items))  # (an encoder that failed only once)
+    return payloads  # (an encoder that failed only once)
 
 
 def check_max_count(max_count: int) -> None:
