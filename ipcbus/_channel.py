@@ -29,7 +29,7 @@ from ._errors import (
     HeartbeatTimeout,
     IPCError,
 )
-from ._fastpath import burst_send, lazy_recv
+from ._fastpath import ROUND_TRIP, burst_send, lazy_recv
 from ._frontend import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     QUICK_COUNT,
@@ -140,6 +140,14 @@ class Channel(FrontendState):
         self._rlock_release = self._rlock.release
         # recv's round-trip path: a native core, no heartbeat deadlines.
         self._simple_read = type(core) is Connection and heartbeat is None
+        # The C round trip (_fastpath.ROUND_TRIP) reads and writes this fd
+        # itself, with the recvmsg/send calls SocketStream makes (-1: never;
+        # a subclass may do more per call). Cleared before the stream closes.
+        self._rt_fd = (
+            stream.fileno()
+            if ROUND_TRIP and type(stream) is SocketStream and self._simple_read and self._send_parts is not None
+            else -1
+        )
         self._partial: tuple[memoryview, list[int]] | None = None
         self._last_write = 0.0
         # Set by a read that returned data, cleared by a write: a send that
@@ -206,7 +214,13 @@ class Channel(FrontendState):
     # ------------------------------------------------------------------ sending
 
     @burst_send(
-        quick="_quick", encode="_encode", full="_quick_full", plain="_send_plain", count=QUICK_COUNT, limit=QUICK_MAX
+        quick="_quick",
+        encode="_encode",
+        full="_quick_full",
+        plain="_send_plain",
+        count=QUICK_COUNT,
+        limit=QUICK_MAX,
+        round_trip=True,
     )
     def send(
         self,
@@ -368,16 +382,21 @@ class Channel(FrontendState):
             except IPCError as exc:
                 self._write_failed(exc)
                 raise
-            self._last_write = _monotonic()
-            self._read_since_write = False
-            if n < len(frame):
-                # The peer is not reading: the rest is the next write's first
-                # job, which the flusher does if nobody else comes first.
-                self._partial = (memoryview(frame)[n:], [])
-                self._schedule_flush()
+            self._wrote_lone(frame, n)
             return True
         finally:
             self._wlock_release()
+
+    def _wrote_lone(self, frame: bytes, n: int) -> None:
+        # After a lone frame's write, under the writer's lock (the C round
+        # trip calls this when the kernel took only part of the frame).
+        self._last_write = _monotonic()
+        self._read_since_write = False
+        if n < len(frame):
+            # The peer is not reading: the rest is the next write's first
+            # job, which the flusher does if nobody else comes first.
+            self._partial = (memoryview(frame)[n:], [])
+            self._schedule_flush()
 
     def _quick_full(self) -> None:
         with self._lock:
@@ -703,7 +722,7 @@ class Channel(FrontendState):
 
     # ---------------------------------------------------------------- receiving
 
-    @lazy_recv(core="_core", lazy="_lazy", failed="_lazy_failed")
+    @lazy_recv(core="_core", lazy="_lazy", failed="_lazy_failed", round_trip=True)
     def recv(self, timeout: float | None = None) -> Message:
         """The next message: ``data, handle = channel.recv()``.
 
@@ -747,25 +766,9 @@ class Channel(FrontendState):
                     except IPCError as exc:
                         self._fail(exc)
                         raise
-                    self._read_since_write = True
-                    if not fds:
-                        # Exactly one plain frame (the answer)? Parsed under
-                        # the reader's lock alone (lone_message touches no
-                        # state that senders do).
-                        message = core.lone_message(data)
-                        if message is not None:
-                            return message
-                    self._lock_acquire()
-                    try:
-                        core.feed(data, fds)  # (the shortcut was tried above)
-                    finally:
-                        self._lock_release()
-                    if core._out or core._pending:
-                        self._answer(0, True)
-                    if core._events and core._lazy is None:
-                        message = self._take_parsed()
-                        if message is not None:
-                            return message
+                    message = self._read_done(data, fds)
+                    if message is not None:
+                        return message
             finally:
                 self._rlock_release()
         deadline = None if timeout is None else _monotonic() + timeout
@@ -788,6 +791,40 @@ class Channel(FrontendState):
                 result = self._handle_event(ev)
                 if result is not None:
                     return result
+
+    def _read_done(self, data: bytes, fds: list[int]) -> Message | None:
+        # The round trip's read is in (the reader's lock held): its message,
+        # or None for recv's general path. The C round trip calls this for
+        # every read it does not parse itself, with the fds SocketStream
+        # would have returned (a read that failed there is done again here).
+        self._read_since_write = True
+        core = self._core
+        if not fds:
+            # Exactly one plain frame (the answer)? Parsed under the reader's
+            # lock alone (lone_message touches no state that senders do).
+            message = core.lone_message(data)
+            if message is not None:
+                return message
+        self._lock_acquire()
+        try:
+            core.feed(data, fds)  # (the shortcut was tried above)
+        finally:
+            self._lock_release()
+        if core._out or core._pending:
+            self._answer(0, True)
+        if core._events and core._lazy is None:
+            return self._take_parsed()
+        return None
+
+    def _read_done_ancillary(self, data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int) -> Message | None:
+        # _read_done for the C round trip's read that carried control data
+        # (or was truncated): its fds as SocketStream.receive makes them.
+        try:
+            fds = self._stream.fds_received(ancdata, flags)
+        except IPCError as exc:
+            self._fail(exc)
+            raise
+        return self._read_done(data, fds)
 
     def recv_many(self, max_count: int = RECV_MANY_MAX, timeout: float | None = None) -> list[Message]:
         """The next message, waited for as :meth:`recv` does, and after it
@@ -1036,6 +1073,7 @@ class Channel(FrontendState):
         if self._closed:
             return
         self._closed = True
+        self._rt_fd = -1  # before the fd is closed (and its number reused)
         self._core.close_sending()
         try:
             self._stream.close()

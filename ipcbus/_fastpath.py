@@ -8,19 +8,26 @@ the C versions handle only the common case and hand every other call to it.
     burst_send(...)   decorator for a send method (the burst path in C)
     lazy_recv(...)    decorator for a recv method (a batch's next message in C)
     messages(values)  an iterator of Message(value, None)
+
+With ``round_trip=True`` (the blocking Channel), the two decorators also do
+the round trip in C on Linux: a reply's write (``Channel._write_lone``) and
+the read of the answer (``recv``'s round-trip path, parsed as
+``Connection.lone_message`` does). Those read the channel's and its core's
+attributes by name; ``_speedups.ROUND_TRIP_NAMES`` lists them.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from itertools import repeat
 from typing import Any, TypeVar
 
 from ._message import Message
 
-__all__ = ["ACCELERATED", "burst_send", "lazy_recv", "messages"]
+__all__ = ["ACCELERATED", "ROUND_TRIP", "burst_send", "lazy_recv", "messages"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -35,9 +42,14 @@ else:
 
 #: True when the C accelerator is in use.
 ACCELERATED = _speedups is not None
+#: True when the round trip runs in C too (its clock is time.monotonic's
+#: only on Linux, where both read CLOCK_MONOTONIC).
+ROUND_TRIP = ACCELERATED and sys.platform == "linux"
 
 
-def burst_send(*, quick: str, encode: str, full: str, plain: str, count: int, limit: int) -> Callable[[F], F]:
+def burst_send(
+    *, quick: str, encode: str, full: str, plain: str, count: int, limit: int, round_trip: bool = False
+) -> Callable[[F], F]:
     """Decorate a ``send(self, data, ...)`` whose path for ``send(data)`` is::
 
         payload = self.<encode>(data)   # TypeError etc.: the method's error
@@ -51,20 +63,22 @@ def burst_send(*, quick: str, encode: str, full: str, plain: str, count: int, li
 
     The C version runs exactly that for ``send(data)`` and calls the method
     itself for every other call (and when encoding fails, so that the method
-    raises its own error).
+    raises its own error). With ``round_trip`` (where ROUND_TRIP), a reply
+    that ``Channel._write_lone`` would write at once is written in C, before
+    ``self.<plain>`` is tried.
     """
 
     def decorate(fn: F) -> F:
         if _speedups is None:
             return fn
-        fast = _speedups.BurstSend(fn, quick, encode, full, plain, count, limit)
+        fast = _speedups.BurstSend(fn, quick, encode, full, plain, count, limit, round_trip and ROUND_TRIP)
         functools.update_wrapper(fast, fn)
         return fast  # type: ignore[no-any-return]
 
     return decorate
 
 
-def lazy_recv(*, core: str, lazy: str, failed: str) -> Callable[[F], F]:
+def lazy_recv(*, core: str, lazy: str, failed: str, round_trip: bool = False) -> Callable[[F], F]:
     """Decorate a ``recv(self, ...)`` whose first step is::
 
         it = self.<core>.<lazy>
@@ -74,13 +88,16 @@ def lazy_recv(*, core: str, lazy: str, failed: str) -> Callable[[F], F]:
             # (an exception from it: self.<failed>(exc), then the method)
 
     The C version runs that for ``recv()`` and calls the method itself when
-    there is no batch, at its end, and for every call with arguments.
+    there is no batch, at its end, and for every call with arguments. With
+    ``round_trip`` (where ROUND_TRIP), a ``recv()`` that would take
+    ``Channel.recv``'s round-trip path does that read in C, and parses a read
+    of one plain frame there too (other reads: ``self._read_done*``).
     """
 
     def decorate(fn: F) -> F:
         if _speedups is None:
             return fn
-        fast = _speedups.LazyRecv(fn, core, lazy, failed)
+        fast = _speedups.LazyRecv(fn, core, lazy, failed, Message if round_trip and ROUND_TRIP else None)
         functools.update_wrapper(fast, fn)
         return fast  # type: ignore[no-any-return]
 

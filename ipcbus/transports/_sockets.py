@@ -182,6 +182,11 @@ class SocketStream(Stream):
         self._big_read = len(data) >= size
         return data, fds
 
+    def fds_received(self, ancdata: list[tuple[int, int, bytes]], flags: int) -> list[int]:
+        """The fds of a ``recvmsg`` done outside this object (ipcbus's C
+        round trip) on its socket: what :meth:`receive` makes of them."""
+        return _fds_received(ancdata, flags, self.transport_name)
+
     def receive_into(self, buffer: memoryview, max_fds: int, timeout: float | None = None) -> tuple[int, list[int]]:
         if _WINDOWS:  # pragma: no cover - Windows: a non-blocking socket
             return super().receive_into(buffer, max_fds, timeout)
