@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -626,6 +627,7 @@ class Contender:
     node: bool = False
     env: dict[str, str] = field(default_factory=dict)  # for its run process
     kinds: tuple[str, ...] | None = None  # the workload kinds it runs (None: all)
+    runs_as: str | None = None  # the contender its run process runs (None: key)
 
 
 _trio_nowait = trio_funcs("nowait")
@@ -863,7 +865,8 @@ def launch(contender: Contender, wl: Workload, pin_cpu: int | None, timeout: flo
         if wl.key == "bulk":
             cmd.append(str(BULK_SIZE))
     else:
-        cmd = [sys.executable, os.path.abspath(__file__), "--_run", contender.key, wl.key, str(wl.n)]
+        key = contender.runs_as or contender.key
+        cmd = [sys.executable, os.path.abspath(__file__), "--_run", key, wl.key, str(wl.n)]
 
     def preexec() -> None:
         # Children inherit the mask, so both processes of the run share it.
@@ -1091,6 +1094,23 @@ def coordinate(args: argparse.Namespace) -> int:
             print(f"unknown contenders: {sorted(unknown)}; known: {sorted(BY_KEY)}", file=sys.stderr)
             return 2
         contenders = [c for c in CONTENDERS if c.key in wanted]
+    if args.baseline:
+        # The same runs over another checkout of ipcbus (PYTHONPATH comes
+        # before the installed one): before/after figures in one run.
+        path = os.path.abspath(args.baseline)
+        if not os.path.isfile(os.path.join(path, "ipcbus", "__init__.py")):
+            print(f"--baseline {args.baseline}: no ipcbus/ package there", file=sys.stderr)
+            return 2
+        current = BY_KEY["ipcbus"]
+        at = contenders.index(current) + 1 if current in contenders else 0
+        baseline = dataclasses.replace(
+            current,
+            key="ipcbus-baseline",
+            label="ipcbus blocking, baseline",
+            env={"PYTHONPATH": path},
+            runs_as="ipcbus",
+        )
+        contenders = [*contenders[:at], baseline, *contenders[at:]]
 
     print("ipcbus message benchmark")
     print(machine())
@@ -1150,6 +1170,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contenders", help=f"comma-separated subset of: {','.join(BY_KEY)}")
     p.add_argument("--workloads", help="comma-separated subset of: stream,pinned,unpinned,bulk")
     p.add_argument("--timeout", type=float, default=RUN_TIMEOUT, help="seconds allowed for one run")
+    p.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also run ipcbus blocking from this checkout (its C accelerator built in place), e.g.\n"
+        "git worktree add /tmp/before HEAD~1 && (cd /tmp/before && python setup.py build_ext --inplace)",
+    )
     p.add_argument(
         "--profile",
         action="store_true",

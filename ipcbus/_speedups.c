@@ -267,25 +267,45 @@ rt_try_lock(PyObject *ch, int acquire)
     return taken;
 }
 
-/* channel.<release>(), keeping the exception already set (if any); returns
- * result, or NULL when the release itself failed. */
-static PyObject *
-rt_unlock(PyObject *ch, int release, PyObject *result)
+/* channel.<release>(), keeping the exception already set (if any, the one
+ * to see): 0, or -1 when the release itself failed. */
+static int
+rt_release(PyObject *ch, int release)
 {
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
     PyObject *done = PyObject_CallMethodNoArgs(ch, rt_name[release]);
-    if (done != NULL) {
-        Py_DECREF(done);
-        PyErr_Restore(type, value, tb);
-        return result;
-    }
-    if (type != NULL) {
+    if (done == NULL && type != NULL) {
         PyErr_Clear();
-        PyErr_Restore(type, value, tb);  /* the first error is the one to see */
     }
-    Py_XDECREF(result);
-    return NULL;
+    if (type != NULL || done != NULL) {
+        PyErr_Restore(type, value, tb);
+    }
+    Py_XDECREF(done);
+    return done == NULL ? -1 : 0;
+}
+
+/* rt_release, for a function's result (a new reference, or NULL). */
+static PyObject *
+rt_unlock(PyObject *ch, int release, PyObject *result)
+{
+    if (rt_release(ch, release) < 0) {
+        Py_XDECREF(result);
+        return NULL;
+    }
+    return result;
+}
+
+/* The channel's fd (its _rt_fd), read just before a system call on it, as
+ * the socket object does: -1 once the channel is closing (or never). */
+static int
+rt_fd(PyObject *ch)
+{
+    Py_ssize_t fd = rt_ssize(ch, RT_FD);
+    if (fd == -1 && PyErr_Occurred()) {
+        return -2;
+    }
+    return fd < 0 || fd > INT_MAX ? -1 : (int)fd;
 }
 
 /* time.monotonic(): CLOCK_MONOTONIC on Linux, converted as CPython does. */
@@ -324,9 +344,13 @@ rt_send_ready(PyObject *ch, PyObject *core, Py_ssize_t size)
 
 /* The write, under the writer's lock: 1, 0 or -1 as rt_send. */
 static int
-rt_write(PyObject *ch, PyObject *core, PyObject *payload, int fd)
+rt_write(PyObject *ch, PyObject *core, PyObject *payload)
 {
     RT_CHECK(rt_is(ch, RT_PARTIAL, Py_None));  /* again, now that we write */
+    int fd = rt_fd(ch);
+    if (fd < 0) {
+        return fd == -1 ? 0 : -1;
+    }
     if (rt_set(core, RT_HRUN, Py_None) < 0) {  /* as direct_header does */
         return -1;
     }
@@ -389,9 +413,9 @@ rt_send(PyObject *ch, PyObject *payload)
     if (size > RT_WRITE_MAX) {
         return 0;
     }
-    Py_ssize_t fd = rt_ssize(ch, RT_FD);
-    if (fd < 0 || fd > INT_MAX) {
-        return fd == -1 && PyErr_Occurred() ? -1 : 0;
+    int fd = rt_fd(ch);  /* (a channel that has none: the cheapest way out) */
+    if (fd < 0) {
+        return fd == -1 ? 0 : -1;
     }
     PyObject *core = PyObject_GetAttr(ch, rt_name[RT_CORE]);
     if (core == NULL) {
@@ -401,8 +425,8 @@ rt_send(PyObject *ch, PyObject *payload)
     if (sent > 0) {
         sent = rt_try_lock(ch, RT_WLOCK_ACQUIRE);
         if (sent > 0) {
-            sent = rt_write(ch, core, payload, (int)fd);
-            if (rt_unlock(ch, RT_WLOCK_RELEASE, Py_None) == NULL) {
+            sent = rt_write(ch, core, payload);
+            if (rt_release(ch, RT_WLOCK_RELEASE) < 0) {
                 sent = -1;
             }
         }
@@ -619,12 +643,16 @@ rt_recv_ready(PyObject *ch, PyObject *core, int *lone)
 /* The read, the reader's lock held: a Message, Py_None (the Python method
  * runs) or NULL. */
 static PyObject *
-rt_read(PyObject *ch, PyObject *core, PyTypeObject *cls, int fd)
+rt_read(PyObject *ch, PyObject *core, PyTypeObject *cls)
 {
     int lone = 0;
     int ready = rt_recv_ready(ch, core, &lone);
     if (ready <= 0) {
         return ready < 0 ? NULL : Py_NewRef(Py_None);
+    }
+    int fd = rt_fd(ch);
+    if (fd < 0) {
+        return fd == -1 ? Py_NewRef(Py_None) : NULL;
     }
     PyObject *data = PyBytes_FromStringAndSize(NULL, RT_READ_SIZE);
     if (data == NULL) {
@@ -701,11 +729,11 @@ rt_read(PyObject *ch, PyObject *core, PyTypeObject *cls, int fd)
 static PyObject *
 rt_recv(PyObject *ch, PyObject *core, PyTypeObject *cls)
 {
-    Py_ssize_t fd = rt_ssize(ch, RT_FD);
-    if (fd < 0 || fd > INT_MAX) {
-        return fd == -1 && PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+    int ready = rt_fd(ch);  /* (a channel that has none: the cheapest way out) */
+    if (ready < 0) {
+        return ready == -1 ? Py_NewRef(Py_None) : NULL;
     }
-    int ready = rt_empty(core, RT_EVENTS);  /* parsed messages: Python's path */
+    ready = rt_empty(core, RT_EVENTS);  /* parsed messages: Python's path */
     if (ready > 0) {
         ready = rt_is(core, RT_STATE, rt_name[RT_OPEN]);
     }
@@ -718,7 +746,7 @@ rt_recv(PyObject *ch, PyObject *core, PyTypeObject *cls)
     if (ready <= 0) {
         return ready < 0 ? NULL : Py_NewRef(Py_None);
     }
-    return rt_unlock(ch, RT_RLOCK_RELEASE, rt_read(ch, core, cls, (int)fd));
+    return rt_unlock(ch, RT_RLOCK_RELEASE, rt_read(ch, core, cls));
 }
 
 #endif /* HAVE_ROUND_TRIP */
