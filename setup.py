@@ -6,4 +6,13 @@ without the C API), ipcbus installs without it and uses its pure-Python twin.
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("ipcbus._speedups", ["ipcbus/_speedups.c"], optional=True)])
+setup(
+    ext_modules=[
+        Extension(
+            "ipcbus._speedups",
+            ["ipcbus/_speedups.c", "ipcbus/_roundtrip.c"],
+            depends=["ipcbus/_roundtrip.h"],
+            optional=True,
+        )
+    ]
+)
