@@ -11,7 +11,7 @@ setup(
         Extension(
             "ipcbus._speedups",
             ["ipcbus/_speedups.c", "ipcbus/_roundtrip.c"],
-            depends=["ipcbus/_roundtrip.h"],
+            depends=["ipcbus/_speedups.h"],
             optional=True,
         )
     ]

@@ -792,14 +792,15 @@ class Channel(FrontendState):
                 if result is not None:
                     return result
 
-    def _read_done(self, data: bytes, fds: list[int]) -> Message | None:
+    def _read_done(self, data: bytes, fds: list[int], lone_tried: bool = False) -> Message | None:
         # The round trip's read is in (the reader's lock held): its message,
         # or None for recv's general path. The C round trip calls this for
         # every read it does not parse itself, with the fds SocketStream
-        # would have returned (a read that failed there is done again here).
+        # would have returned (a read that failed there is done again here),
+        # and lone_tried when it already tried lone_message's shortcut.
         self._read_since_write = True
         core = self._core
-        if not fds:
+        if not fds and not lone_tried:
             # Exactly one plain frame (the answer)? Parsed under the reader's
             # lock alone (lone_message touches no state that senders do).
             message = core.lone_message(data)

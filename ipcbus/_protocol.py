@@ -643,18 +643,6 @@ class Connection:
 
     # --------------------------------------------------------------- receiving
 
-    def receive_one(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> Message | None:
-        """:meth:`receive_data` for a frontend that wants the message now:
-        when nothing is waiting and ``data`` is exactly one plain frame for
-        the application (a round trip's answer), its Message is returned
-        rather than queued. Otherwise the same as receive_data, and None."""
-        if not fds and not self._events and self._lazy is None:
-            message = self.lone_message(data)
-            if message is not None:
-                return message
-        self.feed(data, fds)
-        return None
-
     def receive_data(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> None:
         """Feed bytes read from the transport, with the fds that came with
         them (in order). ``b""`` means EOF. Parsing happens here; errors are

@@ -18,7 +18,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include "_roundtrip.h"
+#include "_speedups.h"
 
 #if HAVE_ROUND_TRIP
 #include <errno.h>
@@ -481,13 +481,7 @@ rt_lone_message(PyObject *core, const char *buf, Py_ssize_t n, PyTypeObject *cls
     if (rt_set_new(core, RT_CONSUMED, sum) < 0) {
         goto error;
     }
-    PyObject *message = cls->tp_alloc(cls, 2);
-    if (message == NULL) {
-        goto error;
-    }
-    PyTuple_SET_ITEM(message, 0, value);
-    PyTuple_SET_ITEM(message, 1, Py_NewRef(Py_None));
-    return message;
+    return ipcbus_message(cls, value);
 
 error:
     Py_XDECREF(value);
@@ -604,6 +598,7 @@ rt_read(PyObject *ch, PyObject *core, PyTypeObject *cls)
         return NULL;
     }
     int control_data = msg.msg_controllen > 0 || (msg.msg_flags & MSG_CTRUNC);
+    PyObject *tried = Py_False;  /* _read_done need not try lone_message again */
     if (lone && !control_data && n > FRAME_HEADER) {
         PyObject *message = rt_lone_message(core, PyBytes_AS_STRING(data), n, cls);
         if (message != Py_None) {
@@ -611,6 +606,7 @@ rt_read(PyObject *ch, PyObject *core, PyTypeObject *cls)
             return message;  /* (or NULL) */
         }
         Py_DECREF(message);
+        tried = Py_True;
     }
     if (_PyBytes_Resize(&data, n) < 0) {
         return NULL;
@@ -618,7 +614,7 @@ rt_read(PyObject *ch, PyObject *core, PyTypeObject *cls)
     PyObject *result;
     if (!control_data) {
         PyObject *fds = PyList_New(0);
-        result = fds ? PyObject_CallMethodObjArgs(ch, rt_name[RT_READ_DONE], data, fds, NULL) : NULL;
+        result = fds ? PyObject_CallMethodObjArgs(ch, rt_name[RT_READ_DONE], data, fds, tried, NULL) : NULL;
         Py_XDECREF(fds);
     }
     else {

@@ -24,7 +24,7 @@
 #include <Python.h>
 #include <stddef.h>
 
-#include "_roundtrip.h"
+#include "_speedups.h"
 
 /* ------------------------------------------------------------------ shared */
 
@@ -415,16 +415,7 @@ messages_next(Messages *self)
     if (value == NULL) {
         return NULL;
     }
-    PyTypeObject *cls = self->cls;
-    PyObject *message = cls->tp_alloc(cls, 2);
-    if (message == NULL) {
-        Py_DECREF(value);
-        return NULL;
-    }
-    PyTuple_SET_ITEM(message, 0, value);
-    Py_INCREF(Py_None);
-    PyTuple_SET_ITEM(message, 1, Py_None);
-    return message;
+    return ipcbus_message(self->cls, value);
 }
 
 static PyObject *

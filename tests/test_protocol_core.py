@@ -1121,20 +1121,29 @@ def test_send_encoded_many_queues_nothing_when_one_is_over_the_limit() -> None:
     assert messages(drain(b)) == ["after"]
 
 
-def test_receive_one_returns_a_round_trips_answer_and_queues_the_rest() -> None:
+def read_done(conn: Connection, data: bytes) -> Message | None:
+    """What the blocking frontend does with a round trip's read (no fds):
+    lone_message's shortcut, and feed when it declines."""
+    message = conn.lone_message(data)
+    if message is None:
+        conn.feed(data)
+    return message
+
+
+def test_a_round_trips_answer_is_returned_and_the_rest_queued() -> None:
     conn = opened()
     one = frame(FRAME_DATA, msgpack.packb({"n": 1}))
-    assert conn.receive_one(one) == Message({"n": 1}, None)
+    assert read_done(conn, one) == Message({"n": 1}, None)
     assert drain(conn) == []
     # An internal message is routed, not returned.
-    assert conn.receive_one(frame(FRAME_DATA, msgpack.packb({"cmd": "IPCBUS_X"}))) is None
+    assert read_done(conn, frame(FRAME_DATA, msgpack.packb({"cmd": "IPCBUS_X"}))) is None
     assert [type(ev) for ev in drain(conn)] == [InternalMessage]
     # Two frames, or part of one: queued as receive_data queues them.
-    assert conn.receive_one(one + one[:5]) is None
-    assert conn.receive_one(one[5:]) is None
+    assert read_done(conn, one + one[:5]) is None
+    assert read_done(conn, one[5:]) is None
     assert messages(drain(conn)) == [{"n": 1}, {"n": 1}]
     # A payload that does not decode fails the connection.
-    assert conn.receive_one(frame(FRAME_DATA, b"\xc1")) is None
+    assert read_done(conn, frame(FRAME_DATA, b"\xc1")) is None
     with pytest.raises(CodecError):
         conn.next_event()
 

@@ -1,6 +1,7 @@
-/* ipcbus._speedups: the round trip of a blocking Channel (_roundtrip.c). */
-#ifndef IPCBUS_ROUNDTRIP_H
-#define IPCBUS_ROUNDTRIP_H
+/* ipcbus._speedups: what its C files share (_speedups.c: the module and its
+ * fast methods; _roundtrip.c: the round trip of a blocking Channel). */
+#ifndef IPCBUS_SPEEDUPS_H
+#define IPCBUS_SPEEDUPS_H
 
 #include <Python.h>
 
@@ -15,6 +16,21 @@
 #else
 #define IPCBUS_INTERNAL
 #endif
+
+/* cls((value, None)): a Message, for a cls that message_class_ok accepted
+ * (filled like a tuple). Steals value, even on failure (NULL). */
+static inline PyObject *
+ipcbus_message(PyTypeObject *cls, PyObject *value)
+{
+    PyObject *message = cls->tp_alloc(cls, 2);
+    if (message == NULL) {
+        Py_DECREF(value);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(message, 0, value);
+    PyTuple_SET_ITEM(message, 1, Py_NewRef(Py_None));
+    return message;
+}
 
 /* Interns the attribute names; adds ROUND_TRIP_NAMES and HAVE_ROUND_TRIP to
  * the module. 0, or -1 with an exception set. */
@@ -32,4 +48,4 @@ IPCBUS_INTERNAL int ipcbus_rt_send(PyObject *channel, PyObject *payload);
 IPCBUS_INTERNAL PyObject *ipcbus_rt_recv(PyObject *channel, PyObject *core, PyTypeObject *cls);
 #endif
 
-#endif /* IPCBUS_ROUNDTRIP_H */
+#endif /* IPCBUS_SPEEDUPS_H */
