@@ -8,6 +8,9 @@ the C versions handle only the common case and hand every other call to it.
     burst_send(...)   decorator for a send method (the burst path in C)
     lazy_recv(...)    decorator for a recv method (a batch's next message in C)
     messages(values)  an iterator of Message(value, None)
+    FrontSlots        base of a frontend: ``_core``, ``_quick``, ``_fast_encode``
+    CoreSlots         base of a protocol core: ``_lazy``
+                      (both: C fields that the fast methods read directly)
 
 With ``round_trip=True`` (the blocking Channel), the two decorators also do
 the round trip in C on Linux: a reply's write (``Channel._write_lone``) and
@@ -27,7 +30,10 @@ from typing import Any, TypeVar
 
 from ._message import Message
 
-__all__ = ["ACCELERATED", "ROUND_TRIP", "burst_send", "lazy_recv", "messages"]
+__all__ = [
+    "ACCELERATED", "CORE_FIELDS", "FRONT_FIELDS", "ROUND_TRIP", "CoreSlots", "FrontSlots", "burst_send", "lazy_recv",
+    "messages",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -46,14 +52,34 @@ ACCELERATED = _speedups is not None
 #: only on Linux, where both read CLOCK_MONOTONIC).
 ROUND_TRIP = ACCELERATED and sys.platform == "linux"
 
+#: The fields of FrontSlots and CoreSlots: the C types' member descriptors,
+#: and the pure-Python twins' __slots__.
+FRONT_FIELDS = ("_core", "_quick", "_fast_encode")
+CORE_FIELDS = ("_lazy",)
 
-def burst_send(
-    *, quick: str, encode: str, full: str, plain: str, count: int, limit: int, round_trip: bool = False
-) -> Callable[[F], F]:
-    """Decorate a ``send(self, data, ...)`` whose path for ``send(data)`` is::
+if _speedups is not None:
+    FrontSlots: type = _speedups.FrontSlots
+    CoreSlots: type = _speedups.CoreSlots
+else:
 
-        payload = self.<encode>(data)   # TypeError etc.: the method's error
-        quick_list = self.<quick>
+    class FrontSlots:  # type: ignore[no-redef]
+        """A frontend's base: the slots of its protocol core, burst list and
+        send encoder."""
+
+        __slots__ = FRONT_FIELDS
+
+    class CoreSlots:  # type: ignore[no-redef]
+        """A protocol core's base: the slot of its batch iterator."""
+
+        __slots__ = CORE_FIELDS
+
+
+def burst_send(*, full: str, plain: str, count: int, limit: int, round_trip: bool = False) -> Callable[[F], F]:
+    """Decorate a ``send(self, data, ...)`` of a :class:`FrontSlots` whose
+    path for ``send(data)`` is::
+
+        payload = self._fast_encode(data)   # TypeError etc.: the method's error
+        quick_list = self._quick
         if quick_list and len(payload) <= limit:   # a burst is being collected
             quick_list.append(payload)
             if len(quick_list) >= count:
@@ -61,34 +87,38 @@ def burst_send(
             return
         self.<plain>(payload)           # lone, a reply, a burst's first, large
 
-    The C version runs exactly that for ``send(data)`` and calls the method
-    itself for every other call (and when encoding fails, so that the method
-    raises its own error). With ``round_trip`` (where ROUND_TRIP), a reply
-    that ``Channel._write_lone`` would write at once is written in C, before
-    ``self.<plain>`` is tried.
+    The C version runs exactly that for ``send(data)`` (reading the two C
+    fields, not looking the names up) and calls the method itself for every
+    other call, for instances of other classes, and when encoding fails (so
+    that the method raises its own error). With ``round_trip`` (where
+    ROUND_TRIP), a reply that ``Channel._write_lone`` would write at once is
+    written in C, before ``self.<plain>`` is tried.
     """
 
     def decorate(fn: F) -> F:
         if _speedups is None:
             return fn
-        fast = _speedups.BurstSend(fn, quick, encode, full, plain, count, limit, round_trip and ROUND_TRIP)
+        fast = _speedups.BurstSend(fn, full, plain, count, limit, round_trip and ROUND_TRIP)
         functools.update_wrapper(fast, fn)
         return fast  # type: ignore[no-any-return]
 
     return decorate
 
 
-def lazy_recv(*, core: str, lazy: str, failed: str, round_trip: bool = False) -> Callable[[F], F]:
-    """Decorate a ``recv(self, ...)`` whose first step is::
+def lazy_recv(*, failed: str, round_trip: bool = False) -> Callable[[F], F]:
+    """Decorate a ``recv(self, ...)`` of a :class:`FrontSlots` whose core is
+    a :class:`CoreSlots`, whose first step is::
 
-        it = self.<core>.<lazy>
+        it = self._core._lazy
         if it is not None:
             for message in it:
                 return message      # the next message of a batch
             # (an exception from it: self.<failed>(exc), then the method)
 
-    The C version runs that for ``recv()`` and calls the method itself when
-    there is no batch, at its end, and for every call with arguments. With
+    The C version runs that for ``recv()`` (reading the two C fields, not
+    looking the names up) and calls the method itself when there is no
+    batch, at its end, for every call with arguments, and for instances of
+    other classes (a core of another kind). With
     ``round_trip`` (where ROUND_TRIP), a ``recv()`` that would take
     ``Channel.recv``'s round-trip path does that read in C, and parses a read
     of one plain frame there too (other reads: ``self._read_done*``).
@@ -97,7 +127,7 @@ def lazy_recv(*, core: str, lazy: str, failed: str, round_trip: bool = False) ->
     def decorate(fn: F) -> F:
         if _speedups is None:
             return fn
-        fast = _speedups.LazyRecv(fn, core, lazy, failed, Message if round_trip and ROUND_TRIP else None)
+        fast = _speedups.LazyRecv(fn, failed, Message if round_trip and ROUND_TRIP else None)
         functools.update_wrapper(fast, fn)
         return fast  # type: ignore[no-any-return]
 

@@ -11,8 +11,8 @@ rest.
 Each wake-up of this thread takes the GIL from the threads that send, so it
 sleeps until the next channel is due rather than in fixed ticks, and a
 channel may ask for a later visit (``_background_flush`` returns the delay):
-a long burst that its sender writes in full batches itself is looked at a
-few milliseconds apart, and its tail written within a few milliseconds.
+a long burst that its sender writes in full batches itself is looked at up
+to HOLD_WINDOW (8 ms) apart, and its tail written within about that.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from itertools import islice
 from typing import Any
 
 from ._errors import AuthenticationError, CodecError, HandleError, IPCError, TransportError
+from ._fastpath import FrontSlots
 from ._handles import KIND_FD, Handle, close_fds, describe, restore
 from ._message import Message
 from ._protocol import (
@@ -244,10 +245,12 @@ def duplicate_fds(described: list[tuple[bytes, int]]) -> list[tuple[bytes, int]]
     return dups
 
 
-class FrontendState:
-    """Mixin with the frontend bookkeeping shared by both channel classes.
+class FrontendState(FrontSlots):
+    """Base with the frontend bookkeeping shared by both channel classes.
 
     Subclasses set ``_core`` and ``_name`` before using these methods.
+    (``_core``, ``_quick`` and ``_fast_encode`` are FrontSlots's fields,
+    which the C ``send`` and ``recv`` read.)
     """
 
     _core: Connection

@@ -35,7 +35,7 @@ from ._errors import (
     HandshakeError,
     ProtocolError,
 )
-from ._fastpath import messages
+from ._fastpath import CoreSlots, messages
 from ._message import Message
 from .codecs import Codec, MsgpackCodec
 
@@ -188,7 +188,7 @@ _EOF = "EOF"
 _ERROR = "ERROR"
 
 
-class Connection:
+class Connection(CoreSlots):
     """One end of a native ipcbus channel, without I/O.
 
     ``codec`` encodes and decodes application messages. ``can_carry_handles``
@@ -1048,7 +1048,8 @@ class Connection:
             else:
                 self._events.append(_tuple_new(Message, (value, None)))
         elif ftype == FRAME_BATCH:
-            self._parse_batch(self._buf[start:end] if self._msgpack else view[start:end])
+            # (The scan reads the buffer in place: a slice would copy it.)
+            self._parse_batch(view[start:end], self._msgpack and self._buf.find(b"cmd", start, end) < 0)
         elif ftype == FRAME_CONTROL:
             self._control(view[start:end])
         elif ftype == FRAME_AUTH:
@@ -1056,15 +1057,16 @@ class Connection:
         else:
             raise ProtocolError(f"unknown frame type {ftype}")
 
-    def _parse_batch(self, payload: memoryview) -> None:
+    def _parse_batch(self, payload: memoryview, no_cmd: bool) -> None:
+        # no_cmd: a msgpack batch whose bytes do not contain b"cmd".
         if self._decode_batch is None:
             raise ProtocolError(f"batch frame, but the {self.codec.name} codec cannot batch")
-        if self._msgpack and b"cmd" not in payload:
+        if no_cmd:
             # No value in this batch can have a "cmd" key (however msgpack
             # encodes it, the key's bytes appear), so none is internal: its
             # values are decoded as they are asked for, so that a batch's
             # worth of objects never lives at once (the cyclic GC would
-            # walk them over and over).
+            # walk them over and over). The unpacker copies the payload.
             unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=max(len(payload), 1))
             unpacker.feed(payload)
             batch = _LazyBatch(unpacker, len(payload))

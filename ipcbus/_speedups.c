@@ -15,7 +15,12 @@
  *               functions of _roundtrip.c.
  *   Messages    an iterator: Message(value, None) for each value of a decoder
  *               (what map(tuple.__new__, repeat(Message), zip(...)) builds,
- *               without the generic tuple constructor per value).
+ *               without the generic tuple constructor per value, and reusing
+ *               a recent Message that the caller has dropped).
+ *   FrontSlots, CoreSlots
+ *               bases of the frontends and of the native protocol core: the
+ *               attributes the fast methods read on every call, in C fields
+ *               (a lookup by name cost as much as the rest of the call).
  *
  * The wrappers are descriptors with Py_TPFLAGS_METHOD_DESCRIPTOR, so that
  * ``channel.send(x)`` calls them without building a bound method.
@@ -23,6 +28,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stddef.h>
+#include <structmember.h>
 
 #include "_speedups.h"
 
@@ -150,15 +156,116 @@ message_class_ok(PyObject *cls)
     return 1;
 }
 
-/* ---------------------------------------------------------------- BurstSend */
+/* ------------------------------------------------------ FrontSlots, CoreSlots */
 
-enum { QUICK, ENCODE, FULL, PLAIN };  /* BurstSend's names */
+/* Bases whose instances keep, in C fields, what the fast methods read on
+ * every call: a frontend's protocol core, burst list and encoder
+ * (FrontSlots: _core, _quick, _fast_encode) and the core's iterator over the
+ * batch being delivered (CoreSlots: _lazy). Looking them up by name cost
+ * more than the rest of the call. To Python they are plain attributes
+ * (member descriptors), as with __slots__. */
 
 typedef struct {
-    FastMethod base;     /* names: the burst's list of payloads (attribute), the
-                          * encoder (attribute, value -> bytes), the method called
-                          * once the list holds `count`, the method given a
-                          * payload the list refuses */
+    PyObject_HEAD
+    PyObject *core;
+    PyObject *quick;
+    PyObject *encode;
+} FrontSlots;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *lazy;
+} CoreSlots;
+
+static int
+frontslots_traverse(FrontSlots *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->core);
+    Py_VISIT(self->quick);
+    Py_VISIT(self->encode);
+    return 0;
+}
+
+static int
+frontslots_clear(FrontSlots *self)
+{
+    Py_CLEAR(self->core);
+    Py_CLEAR(self->quick);
+    Py_CLEAR(self->encode);
+    return 0;
+}
+
+static void
+frontslots_dealloc(FrontSlots *self)
+{
+    PyObject_GC_UnTrack(self);
+    frontslots_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+coreslots_traverse(CoreSlots *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->lazy);
+    return 0;
+}
+
+static int
+coreslots_clear(CoreSlots *self)
+{
+    Py_CLEAR(self->lazy);
+    return 0;
+}
+
+static void
+coreslots_dealloc(CoreSlots *self)
+{
+    PyObject_GC_UnTrack(self);
+    coreslots_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMemberDef frontslots_members[] = {
+    {"_core", T_OBJECT_EX, offsetof(FrontSlots, core), 0, "the protocol core"},
+    {"_quick", T_OBJECT_EX, offsetof(FrontSlots, quick), 0, "the burst's list of encoded payloads"},
+    {"_fast_encode", T_OBJECT_EX, offsetof(FrontSlots, encode), 0, "the send path's encoder: value -> bytes"},
+    {NULL},
+};
+
+static PyMemberDef coreslots_members[] = {
+    {"_lazy", T_OBJECT_EX, offsetof(CoreSlots, lazy), 0, "the iterator over the batch being delivered, or None"},
+    {NULL},
+};
+
+#define SLOTS_TYPE(STRUCT, PREFIX, NAME, DOC)                                                \
+    {                                                                                        \
+        PyVarObject_HEAD_INIT(NULL, 0)                                                       \
+        .tp_name = "ipcbus._speedups." NAME,                                                 \
+        .tp_doc = DOC,                                                                       \
+        .tp_basicsize = sizeof(STRUCT),                                                      \
+        .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,           \
+        .tp_new = PyType_GenericNew,                                                         \
+        .tp_dealloc = (destructor)PREFIX##_dealloc,                                          \
+        .tp_traverse = (traverseproc)PREFIX##_traverse,                                      \
+        .tp_clear = (inquiry)PREFIX##_clear,                                                 \
+        .tp_members = PREFIX##_members,                                                      \
+    }
+
+static PyTypeObject FrontSlots_Type = SLOTS_TYPE(
+    FrontSlots, frontslots, "FrontSlots",
+    "A frontend's base: _core, _quick and _fast_encode, in C fields that the fast methods read.");
+static PyTypeObject CoreSlots_Type = SLOTS_TYPE(
+    CoreSlots, coreslots, "CoreSlots", "A protocol core's base: _lazy, in a C field that LazyRecv reads.");
+
+/* ---------------------------------------------------------------- BurstSend */
+
+enum { FULL, PLAIN };  /* BurstSend's names */
+
+typedef struct {
+    FastMethod base;     /* names: the method called once the burst list holds
+                          * `count`, the method given a payload the list refuses.
+                          * The instance is a FrontSlots (others: the Python
+                          * method), with the list (_quick) and encoder (_fast_encode). */
     Py_ssize_t count;
     Py_ssize_t limit;    /* largest payload the list takes */
     int round_trip;      /* a reply is written here (rt_send) */
@@ -172,23 +279,18 @@ burstsend_vectorcall(BurstSend *self, PyObject *const *args, size_t nargsf, PyOb
 {
     PyObject *const *names = self->base.names;
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    if (nargs != 2 || kwnames != NULL) {
+    if (nargs != 2 || kwnames != NULL || !PyObject_TypeCheck(args[0], &FrontSlots_Type)) {
         goto fallback;
     }
     PyObject *obj = args[0];
-    PyObject *quick = PyObject_GetAttr(obj, names[QUICK]);
-    if (quick == NULL) {
-        return NULL;
-    }
-    if (!PyList_CheckExact(quick)) {
-        Py_DECREF(quick);
+    PyObject *quick = ((FrontSlots *)obj)->quick;
+    PyObject *encode = ((FrontSlots *)obj)->encode;
+    if (quick == NULL || encode == NULL || !PyList_CheckExact(quick)) {
         goto fallback;
     }
-    PyObject *encode = PyObject_GetAttr(obj, names[ENCODE]);
-    if (encode == NULL) {
-        Py_DECREF(quick);
-        return NULL;
-    }
+    /* (References of our own: the encoder may run anything.) */
+    Py_INCREF(quick);
+    Py_INCREF(encode);
     PyObject *payload = PyObject_CallOneArg(encode, args[1]);
     Py_DECREF(encode);
     if (payload == NULL) {
@@ -242,15 +344,15 @@ fallback:
 static PyObject *
 burstsend_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"fallback", "quick", "encode", "full", "plain", "count", "limit", "round_trip", NULL};
-    PyObject *fallback, *names[4];
+    static char *kwlist[] = {"fallback", "full", "plain", "count", "limit", "round_trip", NULL};
+    PyObject *fallback, *names[2];
     Py_ssize_t count, limit;
     int round_trip = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OUUUUnn|p:BurstSend", kwlist, &fallback, &names[QUICK],
-                                     &names[ENCODE], &names[FULL], &names[PLAIN], &count, &limit, &round_trip)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OUUnn|p:BurstSend", kwlist, &fallback, &names[FULL],
+                                     &names[PLAIN], &count, &limit, &round_trip)) {
         return NULL;
     }
-    BurstSend *self = (BurstSend *)fastmethod_new(type, (vectorcallfunc)burstsend_vectorcall, fallback, names, 4);
+    BurstSend *self = (BurstSend *)fastmethod_new(type, (vectorcallfunc)burstsend_vectorcall, fallback, names, 2);
     if (self != NULL) {
         self->count = count;
         self->limit = limit;
@@ -261,17 +363,17 @@ burstsend_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 
 static PyTypeObject BurstSend_Type = FAST_METHOD_TYPE(
     BurstSend, "BurstSend", burstsend_new,
-    "BurstSend(fallback, quick, encode, full, plain, count, limit, round_trip=False): a send method whose "
+    "BurstSend(fallback, full, plain, count, limit, round_trip=False): a send method whose "
     "plain path (and, with round_trip, a Channel's reply) is in C; every other call goes to fallback.");
 
 /* ----------------------------------------------------------------- LazyRecv */
 
-enum { CORE, LAZY, FAILED };  /* LazyRecv's names */
+enum { FAILED };  /* LazyRecv's name */
 
-/* names: the channel's protocol core (attribute), the core's iterator over
- * the batch being delivered or None (attribute), the channel's method given
- * the iterator's exception. extra: the Message class when the round trip
- * (rt_recv) is done here, else NULL. */
+/* names: the channel's method given the batch iterator's exception. extra:
+ * the Message class when the round trip (rt_recv) is done here, else NULL.
+ * The instance is a FrontSlots whose core is a CoreSlots (other instances:
+ * the Python method). */
 typedef FastMethod LazyRecv;
 
 /* recv(self): the next value of the batch being delivered, if there is one;
@@ -285,15 +387,16 @@ lazyrecv_vectorcall(LazyRecv *self, PyObject *const *args, size_t nargsf, PyObje
         goto fallback;
     }
     PyObject *obj = args[0];
-    PyObject *core = PyObject_GetAttr(obj, names[CORE]);
-    if (core == NULL) {
-        return NULL;
+    if (!PyObject_TypeCheck(obj, &FrontSlots_Type)) {
+        goto fallback;
     }
-    PyObject *lazy = PyObject_GetAttr(core, names[LAZY]);
-    if (lazy == NULL) {
-        Py_DECREF(core);
-        return NULL;
+    PyObject *core = ((FrontSlots *)obj)->core;
+    if (core == NULL || !PyObject_TypeCheck(core, &CoreSlots_Type) || ((CoreSlots *)core)->lazy == NULL) {
+        goto fallback;
     }
+    /* (References of our own: what runs below may replace either.) */
+    Py_INCREF(core);
+    PyObject *lazy = Py_NewRef(((CoreSlots *)core)->lazy);
 #if HAVE_ROUND_TRIP
     if (lazy == Py_None && self->extra != NULL) {
         Py_DECREF(lazy);
@@ -349,17 +452,16 @@ fallback:
 static PyObject *
 lazyrecv_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"fallback", "core", "lazy", "failed", "message", NULL};
-    PyObject *fallback, *names[3];
+    static char *kwlist[] = {"fallback", "failed", "message", NULL};
+    PyObject *fallback, *names[1];
     PyObject *message = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OUUU|O:LazyRecv", kwlist, &fallback, &names[CORE], &names[LAZY],
-                                     &names[FAILED], &message)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OU|O:LazyRecv", kwlist, &fallback, &names[FAILED], &message)) {
         return NULL;
     }
     if (message != Py_None && !message_class_ok(message)) {
         return NULL;
     }
-    FastMethod *self = fastmethod_new(type, (vectorcallfunc)lazyrecv_vectorcall, fallback, names, 3);
+    FastMethod *self = fastmethod_new(type, (vectorcallfunc)lazyrecv_vectorcall, fallback, names, 1);
     if (self != NULL && message != Py_None && HAVE_ROUND_TRIP) {
         Py_INCREF(message);
         self->extra = message;
@@ -369,7 +471,7 @@ lazyrecv_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 
 static PyTypeObject LazyRecv_Type = FAST_METHOD_TYPE(
     LazyRecv, "LazyRecv", lazyrecv_new,
-    "LazyRecv(fallback, core, lazy, failed, message=None): a recv method that takes the next message of the "
+    "LazyRecv(fallback, failed, message=None): a recv method that takes the next message of the "
     "batch being delivered (and, given the Message class, a Channel's round-trip read) in C; every other call "
     "goes to fallback.");
 
@@ -379,13 +481,18 @@ typedef struct {
     PyObject_HEAD
     PyObject *source;       /* an iterator of values */
     PyTypeObject *cls;      /* a tuple subclass without instance fields */
+    PyObject *recent[2];    /* the Messages returned last (the newest second), or NULLs */
 } Messages;
+
+#define RECENT 2
 
 static int
 messages_traverse(Messages *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->source);
     Py_VISIT(self->cls);
+    Py_VISIT(self->recent[0]);
+    Py_VISIT(self->recent[1]);
     return 0;
 }
 
@@ -394,6 +501,8 @@ messages_clear(Messages *self)
 {
     Py_CLEAR(self->source);
     Py_CLEAR(self->cls);
+    Py_CLEAR(self->recent[0]);
+    Py_CLEAR(self->recent[1]);
     return 0;
 }
 
@@ -413,9 +522,45 @@ messages_next(Messages *self)
     }
     PyObject *value = Py_TYPE(self->source)->tp_iternext(self->source);
     if (value == NULL) {
+        /* (Their values live on in the caller's hands, if anywhere.) */
+        Py_CLEAR(self->recent[0]);
+        Py_CLEAR(self->recent[1]);
         return NULL;
     }
-    return ipcbus_message(self->cls, value);
+    for (int i = 0; i < RECENT; i++) {
+        PyObject *message = self->recent[i];
+        if (message == NULL || Py_REFCNT(message) != 1) {
+            continue;
+        }
+        /* Nobody holds this Message any more: it becomes the next one, as
+         * zip() reuses its result tuple (a heap type's instance costs a GC
+         * allocation and subtype_dealloc; this costs a swap). Two are kept
+         * because `msg = recv()` still holds the previous one during the
+         * call. The reference taken first keeps it ours while the old
+         * value's release runs whatever it runs (a recv() from there gets
+         * a new Message), and the order is settled before that. */
+        Py_INCREF(message);
+        if (i == 0) {
+            self->recent[0] = self->recent[1];
+            self->recent[1] = message;  /* (the reference recent[0] held) */
+        }
+        PyObject *old = PyTuple_GET_ITEM(message, 0);
+        PyTuple_SET_ITEM(message, 0, value);
+        if (!PyObject_GC_IsTracked(message)) {
+            PyObject_GC_Track(message);
+        }
+        Py_DECREF(old);
+        return message;
+    }
+    PyObject *message = ipcbus_message(self->cls, value);
+    if (message == NULL) {
+        return NULL;
+    }
+    PyObject *oldest = self->recent[0];
+    self->recent[0] = self->recent[1];
+    self->recent[1] = Py_NewRef(message);
+    Py_XDECREF(oldest);  /* (last: it may run anything) */
+    return message;
 }
 
 static PyObject *
@@ -475,7 +620,7 @@ static struct PyModuleDef speedups_module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
-    PyTypeObject *types[] = {&BurstSend_Type, &LazyRecv_Type, &Messages_Type};
+    PyTypeObject *types[] = {&BurstSend_Type, &LazyRecv_Type, &Messages_Type, &FrontSlots_Type, &CoreSlots_Type};
     PyObject *module = PyModule_Create(&speedups_module);
     if (module == NULL) {
         return NULL;

@@ -240,8 +240,6 @@ class AsyncChannel(FrontendState):
         return release
 
     @burst_send(
-        quick="_quick",
-        encode="_fast_encode",
         full="_settle",
         plain="_send_plain",
         count=TRIO_QUICK_COUNT,
@@ -583,7 +581,7 @@ class AsyncChannel(FrontendState):
 
     # ---------------------------------------------------------------- receiving
 
-    @lazy_recv(core="_core", lazy="_lazy", failed="_lazy_failed")
+    @lazy_recv(failed="_lazy_failed")
     def recv_nowait(self) -> Message:
         """The next message if one was already read and parsed, else
         ``trio.WouldBlock``. Never reads from the transport (``await recv()``

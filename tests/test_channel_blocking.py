@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import traceback
 import uuid
 from pathlib import Path
@@ -336,6 +337,40 @@ def test_sends_while_the_peer_is_behind_join_the_burst() -> None:
     finally:
         b.close()  # first: a's close would wait for a reader
         a.close()
+
+
+def test_the_flusher_looks_again_counting_from_the_senders_last_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The next look is due HOLD_WINDOW after the sender's last write, not
+    # after this look: a burst that ends just after a look has its tail
+    # written about HOLD_WINDOW after its end, not twice that.
+    import ipcbus._channel
+    import ipcbus._flusher
+
+    monkeypatch.setattr(ipcbus._flusher, "schedule", lambda channel: None)
+    a, b, writes = _counting_pair()
+    try:
+        a._read_since_write = False
+        a._last_write = 0.0
+        a._quick_ok = False
+        a.send(2)
+        a.send(3)
+        assert a._scheduled
+        hold = ipcbus._channel.HOLD_WINDOW
+        a._flush_wait = hold  # a long burst: looks are HOLD_WINDOW apart
+        a._last_write = time.monotonic()  # the sender just wrote
+        wait = a._background_flush()
+        assert wait is not None and hold / 2 < wait <= hold
+        a._last_write = time.monotonic() - hold * 3 / 4  # it wrote a while ago
+        wait = a._background_flush()
+        assert wait is not None and wait <= hold / 4 + 0.001
+        a._last_write = time.monotonic() - hold * 2  # long ago (yet after the last look)
+        assert a._background_flush() == ipcbus._flusher.DELAY
+        before = writes[0]
+        assert a._background_flush() is None and writes[0] == before + 1
+        assert [b.recv(timeout=5).data for _ in range(2)] == [2, 3]
+    finally:
+        a.close()
+        b.close()
 
 
 def test_the_flusher_leaves_a_burst_its_sender_is_writing(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -28,7 +28,7 @@ import trio
 import ipcbus
 import ipcbus.trio
 from ipcbus import Message
-from ipcbus._fastpath import ACCELERATED, messages
+from ipcbus._fastpath import ACCELERATED, CORE_FIELDS, FRONT_FIELDS, messages
 from ipcbus._protocol import FRAME, FRAME_BATCH, Connection
 from ipcbus.codecs import get_codec
 
@@ -62,15 +62,34 @@ def test_the_accelerator_is_used_unless_switched_off(speedups: Any) -> None:
         assert out.stdout.split() == expected.split()
 
 
+def test_the_slot_bases_have_the_fields_of_their_twins(speedups: Any) -> None:
+    for cls, fields in ((speedups.FrontSlots, FRONT_FIELDS), (speedups.CoreSlots, CORE_FIELDS)):
+        members = {name for name, v in vars(cls).items() if inspect.ismemberdescriptor(v)}
+        assert members == set(fields)
+        obj = type("Sub", (cls,), {})()
+        for name in fields:
+            with pytest.raises(AttributeError):
+                getattr(obj, name)  # unset: as a missing attribute
+            setattr(obj, name, [name])
+            assert getattr(obj, name) == [name]
+        obj.other = 1  # a subclass keeps its __dict__
+    a, b = ipcbus.pair()
+    with a, b:
+        assert isinstance(a, speedups.FrontSlots) is ACCELERATED
+        assert isinstance(a._core, speedups.CoreSlots) is ACCELERATED
+
+
 # ----------------------------------------------------------------- BurstSend
 
 
 class Sender:
-    """A stand-in channel: records what the fast path and the fallback do."""
+    """A stand-in channel: records what the fast path and the fallback do.
+    (The fast paths read their fields from speedups.FrontSlots, which the
+    classes the tests make derive from too.)"""
 
     def __init__(self, quick: list[bytes]) -> None:
         self._quick = quick
-        self._encode = msgpack.Packer().pack
+        self._fast_encode = msgpack.Packer().pack
         self.calls: list[tuple[Any, ...]] = []
 
     def _full(self) -> None:
@@ -88,8 +107,8 @@ class Sender:
 
 
 def make_sender(speedups: Any, quick: list[bytes], *, count: int = 4, limit: int = 16) -> Sender:
-    cls = type("FastSender", (Sender,), {})
-    fast = speedups.BurstSend(Sender.send, "_quick", "_encode", "_full", "_plain", count, limit)
+    cls = type("FastSender", (Sender, speedups.FrontSlots), {})
+    fast = speedups.BurstSend(Sender.send, "_full", "_plain", count, limit)
     functools.update_wrapper(fast, Sender.send)
     cls.send = fast
     return cls(quick)
@@ -158,7 +177,7 @@ def test_burst_send_propagates_other_errors(speedups: Any) -> None:
     def encode(value: Any) -> bytes:
         raise RuntimeError("not an encoding error")
 
-    s._encode = encode
+    s._fast_encode = encode
     with pytest.raises(RuntimeError, match="not an encoding error"):
         s.send(Boom())
     assert s.calls == []
@@ -191,11 +210,36 @@ def test_burst_send_keeps_no_references(speedups: Any) -> None:
     assert sys.getrefcount(payload) == 3  # the list's, ours and getrefcount's
 
 
+def test_burst_send_falls_back_without_its_fields(speedups: Any) -> None:
+    # Not a FrontSlots, a field not set, a burst list that is not a list:
+    # the Python method runs (which raises, or copes, as Python would).
+    class NotSlots:  # the same attributes, in a __dict__
+        def __init__(self) -> None:
+            self._quick = [b"first"]
+            self._fast_encode = msgpack.Packer().pack
+            self.calls: list[Any] = []
+
+    cls = type("FastNotSlots", (NotSlots,), {"send": speedups.BurstSend(Sender.send, "_full", "_plain", 4, 16)})
+    other = cls()
+    assert other.send("x") == "fallback result"
+    assert other.calls == [("fallback", "x", None, True)] and other._quick == [b"first"]
+
+    s = make_sender(speedups, [b"first"])
+    del s._fast_encode
+    assert s.send("x") == "fallback result"
+    s = make_sender(speedups, [b"first"])
+    s._quick = (b"first",)  # type: ignore[assignment]
+    assert s.send("x") == "fallback result"
+    fresh = type(s).__new__(type(s))  # __init__ never ran: no fields at all
+    fresh.calls = []
+    assert fresh.send("x") == "fallback result"
+
+
 def test_burst_send_checks_its_arguments(speedups: Any) -> None:
     with pytest.raises(TypeError):
-        speedups.BurstSend(42, "_quick", "_encode", "_full", "_plain", 1, 1)
+        speedups.BurstSend(42, "_full", "_plain", 1, 1)
     with pytest.raises(TypeError):
-        speedups.BurstSend(len, b"_quick", "_encode", "_full", "_plain", 1, 1)
+        speedups.BurstSend(len, b"_full", "_plain", 1, 1)
 
 
 # ------------------------------------------------------------------ LazyRecv
@@ -207,8 +251,10 @@ class Core:
 
 
 class Receiver:
+    core_class: type = Core
+
     def __init__(self, lazy: Iterator[Any] | None) -> None:
-        self._core = Core(lazy)
+        self._core = self.core_class(lazy)
         self.calls: list[Any] = []
 
     def _lazy_failed(self, exc: Exception) -> None:
@@ -221,8 +267,9 @@ class Receiver:
 
 
 def make_receiver(speedups: Any, lazy: Iterator[Any] | None) -> Receiver:
-    cls = type("FastReceiver", (Receiver,), {})
-    cls.recv = speedups.LazyRecv(Receiver.recv, "_core", "_lazy", "_lazy_failed")
+    core_class = type("FastCore", (Core, speedups.CoreSlots), {})
+    cls = type("FastReceiver", (Receiver, speedups.FrontSlots), {"core_class": core_class})
+    cls.recv = speedups.LazyRecv(Receiver.recv, "_lazy_failed")
     return cls(lazy)
 
 
@@ -258,6 +305,34 @@ def test_lazy_recv_reports_a_decoder_error_then_falls_back(speedups: Any) -> Non
     assert fallback == ("fallback", None)
 
 
+def test_lazy_recv_falls_back_without_its_fields(speedups: Any) -> None:
+    class DictCore:  # a core of another kind (as NodeConnection): Python decides
+        def __init__(self, lazy: Iterator[Any] | None) -> None:
+            self._lazy = lazy
+
+    r = make_receiver(speedups, None)
+    fast_core = r._core
+    r._core = DictCore(iter(["a"]))
+    assert r.recv() == "fallback result"
+    del r._core
+    assert r.recv() == "fallback result"
+    r._core = fast_core
+    del r._core._lazy
+    assert r.recv() == "fallback result"
+    r._core._lazy = iter(["c"])
+    assert r.recv() == "c"
+    assert r.calls == [("fallback", None)] * 3
+
+    class NotSlots:
+        _core = type(fast_core)(iter(["a"]))
+
+        def recv(self, timeout: float | None = None) -> str:
+            return "fallback result"
+
+    cls = type("FastNotSlots", (NotSlots,), {"recv": speedups.LazyRecv(NotSlots.recv, "_lazy_failed")})
+    assert cls().recv() == "fallback result"
+
+
 def test_lazy_recv_lets_keyboard_interrupt_through(speedups: Any) -> None:
     def values() -> Iterator[str]:
         raise KeyboardInterrupt
@@ -280,6 +355,60 @@ def test_messages_makes_message_tuples(speedups: Any) -> None:
     data, handle = out[0]
     assert (data, handle) == ("a", None)
     assert list(messages(iter([1]))) == [Message(1, None)]
+
+
+def test_messages_reuses_only_a_message_nobody_holds(speedups: Any) -> None:
+    # A Message the caller dropped becomes a later one (as zip() reuses its
+    # tuple); one the caller still holds is never touched. A class that
+    # counts its instances' deaths shows which were reused.
+    deaths: list[int] = []
+
+    class Counted(Message):
+        __slots__ = ()
+
+        def __del__(self) -> None:
+            deaths.append(1)
+
+    it = speedups.Messages(iter(range(1000)), Counted)
+    held = [next(it) for _ in range(10)]
+    assert held == [(i, None) for i in range(10)] and len({id(m) for m in held}) == 10
+
+    for i in range(10, 30, 2):  # unpacked (data, handle = recv()), or dropped at once
+        data, handle = next(it)
+        assert (data, handle) == (i, None)
+        assert next(it) == (i + 1, None)
+    assert len(deaths) <= 2  # (not one per message: reused)
+
+    del deaths[:]
+    previous = None
+    for expected, msg in zip(range(30, 60), it):  # `msg = recv()`: the last one is held during the call
+        assert msg == (expected, None) and type(msg) is Counted
+        if previous is not None:
+            assert previous == (expected - 1, None)  # the one still held is intact
+        previous = msg
+    assert len(deaths) <= 2
+    assert held == [(i, None) for i in range(10)]  # never reused while held
+
+
+def test_messages_survives_a_value_whose_release_takes_the_next(speedups: Any) -> None:
+    # Reusing a Message releases the value it held, which may run code that
+    # takes the next Message of the same iterator: that one is a new Message.
+    got: list[Any] = []
+
+    class Reentrant:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def __del__(self) -> None:
+            if self.n == 0:
+                got.append(next(it))
+
+    it = speedups.Messages((Reentrant(i) for i in range(5)), Message)
+    assert next(it).data.n == 0  # dropped at once: reused by the next call
+    second = next(it)  # releasing value 0 took value 2 into got
+    assert second.data.n == 1 and [m.data.n for m in got] == [2]
+    assert got[0] is not second
+    assert [m.data.n for m in it] == [3, 4]
 
 
 def test_messages_refuses_classes_it_cannot_fill(speedups: Any) -> None:
