@@ -165,97 +165,76 @@ message_class_ok(PyObject *cls)
  * more than the rest of the call. To Python they are plain attributes
  * (member descriptors), as with __slots__. */
 
-typedef struct {
-    PyObject_HEAD
-    PyObject *core;
-    PyObject *quick;
-    PyObject *encode;
-} FrontSlots;
+enum { SLOT_CORE, SLOT_QUICK, SLOT_ENCODE, N_SLOTS };  /* FrontSlots' fields */
+enum { SLOT_LAZY };                                      /* CoreSlots' field */
 
+/* Both types' instances: FrontSlots uses every field, CoreSlots the first. */
 typedef struct {
     PyObject_HEAD
-    PyObject *lazy;
-} CoreSlots;
+    PyObject *field[N_SLOTS];
+} Slots;
+
+#define SLOT(obj, i) (((Slots *)(obj))->field[i])
 
 static int
-frontslots_traverse(FrontSlots *self, visitproc visit, void *arg)
+slots_traverse(Slots *self, visitproc visit, void *arg)
 {
-    Py_VISIT(self->core);
-    Py_VISIT(self->quick);
-    Py_VISIT(self->encode);
+    for (int i = 0; i < N_SLOTS; i++) {
+        Py_VISIT(self->field[i]);
+    }
     return 0;
 }
 
 static int
-frontslots_clear(FrontSlots *self)
+slots_clear(Slots *self)
 {
-    Py_CLEAR(self->core);
-    Py_CLEAR(self->quick);
-    Py_CLEAR(self->encode);
+    for (int i = 0; i < N_SLOTS; i++) {
+        Py_CLEAR(self->field[i]);
+    }
     return 0;
 }
 
 static void
-frontslots_dealloc(FrontSlots *self)
+slots_dealloc(Slots *self)
 {
     PyObject_GC_UnTrack(self);
-    frontslots_clear(self);
+    slots_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static int
-coreslots_traverse(CoreSlots *self, visitproc visit, void *arg)
-{
-    Py_VISIT(self->lazy);
-    return 0;
-}
-
-static int
-coreslots_clear(CoreSlots *self)
-{
-    Py_CLEAR(self->lazy);
-    return 0;
-}
-
-static void
-coreslots_dealloc(CoreSlots *self)
-{
-    PyObject_GC_UnTrack(self);
-    coreslots_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
+#define SLOT_MEMBER(NAME, I, DOC) {NAME, T_OBJECT_EX, offsetof(Slots, field) + (I) * sizeof(PyObject *), 0, DOC}
 
 static PyMemberDef frontslots_members[] = {
-    {"_core", T_OBJECT_EX, offsetof(FrontSlots, core), 0, "the protocol core"},
-    {"_quick", T_OBJECT_EX, offsetof(FrontSlots, quick), 0, "the burst's list of encoded payloads"},
-    {"_fast_encode", T_OBJECT_EX, offsetof(FrontSlots, encode), 0, "the send path's encoder: value -> bytes"},
+    SLOT_MEMBER("_core", SLOT_CORE, "the protocol core"),
+    SLOT_MEMBER("_quick", SLOT_QUICK, "the burst's list of encoded payloads"),
+    SLOT_MEMBER("_fast_encode", SLOT_ENCODE, "the send path's encoder: value -> bytes"),
     {NULL},
 };
 
 static PyMemberDef coreslots_members[] = {
-    {"_lazy", T_OBJECT_EX, offsetof(CoreSlots, lazy), 0, "the iterator over the batch being delivered, or None"},
+    SLOT_MEMBER("_lazy", SLOT_LAZY, "the iterator over the batch being delivered, or None"),
     {NULL},
 };
 
-#define SLOTS_TYPE(STRUCT, PREFIX, NAME, DOC)                                                \
+#define SLOTS_TYPE(NAME, MEMBERS, DOC)                                                       \
     {                                                                                        \
         PyVarObject_HEAD_INIT(NULL, 0)                                                       \
         .tp_name = "ipcbus._speedups." NAME,                                                 \
         .tp_doc = DOC,                                                                       \
-        .tp_basicsize = sizeof(STRUCT),                                                      \
+        .tp_basicsize = sizeof(Slots),                                                       \
         .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,           \
         .tp_new = PyType_GenericNew,                                                         \
-        .tp_dealloc = (destructor)PREFIX##_dealloc,                                          \
-        .tp_traverse = (traverseproc)PREFIX##_traverse,                                      \
-        .tp_clear = (inquiry)PREFIX##_clear,                                                 \
-        .tp_members = PREFIX##_members,                                                      \
+        .tp_dealloc = (destructor)slots_dealloc,                                             \
+        .tp_traverse = (traverseproc)slots_traverse,                                         \
+        .tp_clear = (inquiry)slots_clear,                                                    \
+        .tp_members = MEMBERS,                                                               \
     }
 
 static PyTypeObject FrontSlots_Type = SLOTS_TYPE(
-    FrontSlots, frontslots, "FrontSlots",
+    "FrontSlots", frontslots_members,
     "A frontend's base: _core, _quick and _fast_encode, in C fields that the fast methods read.");
 static PyTypeObject CoreSlots_Type = SLOTS_TYPE(
-    CoreSlots, coreslots, "CoreSlots", "A protocol core's base: _lazy, in a C field that LazyRecv reads.");
+    "CoreSlots", coreslots_members, "A protocol core's base: _lazy, in a C field that LazyRecv reads.");
 
 /* ---------------------------------------------------------------- BurstSend */
 
@@ -283,8 +262,8 @@ burstsend_vectorcall(BurstSend *self, PyObject *const *args, size_t nargsf, PyOb
         goto fallback;
     }
     PyObject *obj = args[0];
-    PyObject *quick = ((FrontSlots *)obj)->quick;
-    PyObject *encode = ((FrontSlots *)obj)->encode;
+    PyObject *quick = SLOT(obj, SLOT_QUICK);
+    PyObject *encode = SLOT(obj, SLOT_ENCODE);
     if (quick == NULL || encode == NULL || !PyList_CheckExact(quick)) {
         goto fallback;
     }
@@ -390,13 +369,13 @@ lazyrecv_vectorcall(LazyRecv *self, PyObject *const *args, size_t nargsf, PyObje
     if (!PyObject_TypeCheck(obj, &FrontSlots_Type)) {
         goto fallback;
     }
-    PyObject *core = ((FrontSlots *)obj)->core;
-    if (core == NULL || !PyObject_TypeCheck(core, &CoreSlots_Type) || ((CoreSlots *)core)->lazy == NULL) {
+    PyObject *core = SLOT(obj, SLOT_CORE);
+    if (core == NULL || !PyObject_TypeCheck(core, &CoreSlots_Type) || SLOT(core, SLOT_LAZY) == NULL) {
         goto fallback;
     }
     /* (References of our own: what runs below may replace either.) */
     Py_INCREF(core);
-    PyObject *lazy = Py_NewRef(((CoreSlots *)core)->lazy);
+    PyObject *lazy = Py_NewRef(SLOT(core, SLOT_LAZY));
 #if HAVE_ROUND_TRIP
     if (lazy == Py_None && self->extra != NULL) {
         Py_DECREF(lazy);
