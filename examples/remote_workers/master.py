@@ -41,8 +41,15 @@ import ipcbus
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
 
 
+_say_lock = threading.Lock()
+
+
 def say(line: str) -> None:
-    print(line, flush=True)
+    # One write per line, under a lock: print() writes the text and the
+    # newline separately, so lines from two worker threads could interleave.
+    with _say_lock:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 
 
 class JobBoard:
