@@ -44,12 +44,11 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)  # (a measured run puts its own checkout before this)
+
+# The streaming workload's message and raw loop, as bench_messages.py runs them.
+from bench_messages import RAW_BATCH, RAW_RECV_SMALL, raw_messages, small  # noqa: E402
+
 N = 20_000
-RAW_BATCH = 256
-
-
-def small(i: int) -> dict[str, Any]:
-    return {"op": "put", "key": "k12345", "value": 123456, "ok": True, "n": i}
 
 
 # ------------------------------------------------------------------ harness
@@ -145,17 +144,7 @@ def run_side(side: str, contender: str, n: int, stream_file: str) -> None:
             recv()
         ch.close()
     elif side == "recv":
-        unpacker = msgpack.Unpacker(max_buffer_size=64 * 1024 * 1024)
-
-        def messages() -> Any:
-            while True:
-                yield from unpacker
-                data = sock.recv(64 * 1024)
-                if not data:
-                    return
-                unpacker.feed(data)
-
-        it = messages()
+        it = raw_messages(sock, RAW_RECV_SMALL)
         for _ in range(n):
             next(it)
         sock.close()

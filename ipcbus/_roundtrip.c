@@ -35,7 +35,7 @@
  * trip (an AttributeError, never a silent difference). */
 enum {
     /* Channel */
-    RT_FD, RT_CORE, RT_CLOSED, RT_PARTIAL, RT_QUICK, RT_READ_SINCE_WRITE, RT_LAST_WRITE,
+    RT_FD, RT_CLOSED, RT_PARTIAL, RT_QUICK, RT_READ_SINCE_WRITE, RT_LAST_WRITE,
     RT_RLOCK_ACQUIRE, RT_RLOCK_RELEASE, RT_WLOCK_ACQUIRE, RT_WLOCK_RELEASE,
     RT_READ_DONE, RT_READ_DONE_ANCILLARY, RT_WROTE_LONE,
     /* Connection */
@@ -50,7 +50,7 @@ enum {
 #define RT_FIRST_OTHER_NAME RT_FEED
 
 static const char *const rt_text[RT_NAMES] = {
-    "_rt_fd", "_core", "_closed", "_partial", "_quick", "_read_since_write", "_last_write",
+    "_rt_fd", "_closed", "_partial", "_quick", "_read_since_write", "_last_write",
     "_rlock_acquire", "_rlock_release", "_wlock_acquire", "_wlock_release",
     "_read_done", "_read_done_ancillary", "_wrote_lone",
     "_events", "_state", "_out", "_pending", "_big", "_buf", "_fds", "max_message_size", "_one",
@@ -316,7 +316,7 @@ rt_write(PyObject *ch, PyObject *core, PyObject *payload)
 }
 
 int
-ipcbus_rt_send(PyObject *ch, PyObject *payload)
+ipcbus_rt_send(PyObject *ch, PyObject *core, PyObject *payload)
 {
     Py_ssize_t size = PyBytes_GET_SIZE(payload);
     if (size > RT_WRITE_MAX) {
@@ -325,10 +325,6 @@ ipcbus_rt_send(PyObject *ch, PyObject *payload)
     int fd = rt_fd(ch);  /* (a channel that has none: the cheapest way out) */
     if (fd < 0) {
         return fd == -1 ? 0 : -1;
-    }
-    PyObject *core = PyObject_GetAttr(ch, rt_name[RT_CORE]);
-    if (core == NULL) {
-        return -1;
     }
     int sent = rt_send_ready(ch, core, size);
     if (sent > 0) {
@@ -340,7 +336,6 @@ ipcbus_rt_send(PyObject *ch, PyObject *payload)
             }
         }
     }
-    Py_DECREF(core);
     return sent;
 }
 

@@ -286,8 +286,11 @@ burstsend_vectorcall(BurstSend *self, PyObject *const *args, size_t nargsf, PyOb
         /* No burst being collected (a lone send, a reply, a burst's first
          * message), or a payload the list does not take. */
 #if HAVE_ROUND_TRIP
-        if (self->round_trip && PyList_GET_SIZE(quick) == 0 && PyBytes_CheckExact(payload)) {
-            int sent = ipcbus_rt_send(obj, payload);
+        PyObject *core = SLOT(obj, SLOT_CORE);
+        if (self->round_trip && core != NULL && PyList_GET_SIZE(quick) == 0 && PyBytes_CheckExact(payload)) {
+            Py_INCREF(core);  /* (ours: what runs there may replace the channel's) */
+            int sent = ipcbus_rt_send(obj, core, payload);
+            Py_DECREF(core);
             if (sent != 0) {
                 Py_DECREF(quick);
                 Py_DECREF(payload);

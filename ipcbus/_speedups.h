@@ -39,8 +39,9 @@ IPCBUS_INTERNAL int ipcbus_rt_init(PyObject *module);
 #if HAVE_ROUND_TRIP
 /* Channel.send's reply, written here: 1 written, 0 not taken (nothing
  * done: the Python method runs), -1 an exception. The caller saw the
- * channel's burst list empty and payload is exact bytes. */
-IPCBUS_INTERNAL int ipcbus_rt_send(PyObject *channel, PyObject *payload);
+ * channel's burst list empty, holds a reference to its core, and payload
+ * is exact bytes. */
+IPCBUS_INTERNAL int ipcbus_rt_send(PyObject *channel, PyObject *core, PyObject *payload);
 
 /* recv()'s round trip, with no batch being delivered: a new reference to a
  * Message (of cls), Py_None when not taken (the Python method runs), or
