@@ -10,7 +10,7 @@ setup(
     ext_modules=[
         Extension(
             "ipcbus._speedups",
-            ["ipcbus/_speedups.c", "ipcbus/_roundtrip.c"],
+            ["ipcbus/_speedups.c", "ipcbus/_roundtrip.c", "ipcbus/_msgpack_pack.c", "ipcbus/_msgpack_unpack.c"],
             depends=["ipcbus/_speedups.h"],
             optional=True,
         )

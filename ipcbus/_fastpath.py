@@ -8,6 +8,16 @@ the C versions handle only the common case and hand every other call to it.
     burst_send(...)   decorator for a send method (the burst path in C)
     lazy_recv(...)    decorator for a recv method (a batch's next message in C)
     messages(values)  an iterator of Message(value, None)
+    msgpack_pack(pack)
+                      the msgpack codec's encoder: the same bytes as
+                      ``pack`` (a Packer(use_bin_type=True).pack), common
+                      values encoded in C
+    msgpack_unpackb(unpackb)
+                      the msgpack codec's decoder of one value: the same
+                      values as ``unpackb``, common values decoded in C
+    msgpack_values(data, rest)
+                      the values of a msgpack batch, as ``rest(data, 0)``
+                      gives them, common values decoded in C
     FrontSlots        base of a frontend: ``_core``, ``_quick``, ``_fast_encode``
     CoreSlots         base of a protocol core: ``_lazy``
                       (both: C fields that the fast methods read directly)
@@ -32,7 +42,7 @@ from ._message import Message
 
 __all__ = [
     "ACCELERATED", "CORE_FIELDS", "FRONT_FIELDS", "ROUND_TRIP", "CoreSlots", "FrontSlots", "burst_send", "lazy_recv",
-    "messages",
+    "messages", "msgpack_pack", "msgpack_unpackb", "msgpack_values",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -139,3 +149,40 @@ def messages(values: Iterable[Any]) -> Iterator[Message]:
     if _speedups is not None:
         return _speedups.Messages(values, Message)  # type: ignore[no-any-return]
     return map(tuple.__new__, repeat(Message), zip(values, repeat(None)))
+
+
+def msgpack_pack(pack: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    """An encoder returning what ``pack``, a ``msgpack.Packer(use_bin_type=True)``'s
+    ``pack``, returns, byte for byte: in C for values made only of None,
+    bool, int, float, str, bytes, list, tuple and dict (exact types, at most
+    32 containers deep); ``pack(value)`` itself, and so its errors, for every
+    other value."""
+    if _speedups is not None:
+        return _speedups.MsgpackPack(pack)  # type: ignore[no-any-return]
+    return pack
+
+
+def msgpack_unpackb(unpackb: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A decoder returning what ``unpackb``, ``msgpack.unpackb`` with
+    ``strict_map_key=False``, returns for a bytes-like object holding one
+    value: in C when the data is one value made only of nil, bool, int,
+    float, str, bin, array and map; ``unpackb(data)`` itself, and so its
+    errors, for any other data."""
+    if _speedups is not None:
+        return _speedups.MsgpackUnpackb(unpackb)  # type: ignore[no-any-return]
+    return unpackb
+
+
+def msgpack_values(
+    data: bytes | bytearray | memoryview, rest: Callable[[bytes | bytearray | memoryview, int], Iterator[Any]]
+) -> Iterator[Any]:
+    """The values of ``data``, msgpack values back to back: what ``rest(data,
+    0)`` gives, ``rest(data, offset)`` being msgpack's decoding of them from
+    ``offset`` on. In C, values made only of nil, bool, int, float, str,
+    bin, array and map are decoded to the same Python values (from a copy
+    of data); from the first other one (an ext type, invalid UTF-8, damaged
+    bytes) on, the iterator ``rest(data, offset)`` gives the rest, with its
+    own errors."""
+    if _speedups is not None:
+        return _speedups.MsgpackValues(bytes(data), rest)  # type: ignore[no-any-return]
+    return rest(data, 0)

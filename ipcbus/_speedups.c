@@ -590,6 +590,56 @@ static PyTypeObject Messages_Type = {
     .tp_iternext = (iternextfunc)messages_next,
 };
 
+/* ------------------------------------------------------------- FallbackCall */
+
+PyObject *
+ipcbus_fallback_new(PyTypeObject *type, PyObject *args, PyObject *kwargs, vectorcallfunc call)
+{
+    static char *kwlist[] = {"fallback", NULL};
+    PyObject *fallback;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O", kwlist, &fallback)) {
+        return NULL;
+    }
+    if (!PyCallable_Check(fallback)) {
+        PyErr_Format(PyExc_TypeError, "%s: fallback must be callable", type->tp_name);
+        return NULL;
+    }
+    FallbackCall *self = (FallbackCall *)type->tp_alloc(type, 0);
+    if (self != NULL) {
+        self->vectorcall = call;
+        self->fallback = Py_NewRef(fallback);
+    }
+    return (PyObject *)self;
+}
+
+int
+ipcbus_fallback_traverse(PyObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(((FallbackCall *)self)->fallback);
+    return 0;
+}
+
+int
+ipcbus_fallback_clear(PyObject *self)
+{
+    Py_CLEAR(((FallbackCall *)self)->fallback);
+    return 0;
+}
+
+void
+ipcbus_fallback_dealloc(PyObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    ipcbus_fallback_clear(self);
+    Py_TYPE(self)->tp_free(self);
+}
+
+PyObject *
+ipcbus_fallback_repr(PyObject *self)
+{
+    return PyUnicode_FromFormat("<%s of %R>", Py_TYPE(self)->tp_name, ((FallbackCall *)self)->fallback);
+}
+
 /* ------------------------------------------------------------------- module */
 
 static struct PyModuleDef speedups_module = {
@@ -602,7 +652,10 @@ static struct PyModuleDef speedups_module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
-    PyTypeObject *types[] = {&BurstSend_Type, &LazyRecv_Type, &Messages_Type, &FrontSlots_Type, &CoreSlots_Type};
+    PyTypeObject *types[] = {
+        &BurstSend_Type, &LazyRecv_Type, &Messages_Type, &FrontSlots_Type, &CoreSlots_Type,
+        &ipcbus_MsgpackPack_Type, &ipcbus_MsgpackUnpackb_Type, &ipcbus_MsgpackValues_Type,
+    };
     PyObject *module = PyModule_Create(&speedups_module);
     if (module == NULL) {
         return NULL;

@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import time
+from typing import Any
 
 import pytest
 
@@ -30,6 +31,21 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if os.environ.get("IPCBUS_REQUIRE_NODE") == "1":
         pytest.fail("IPCBUS_REQUIRE_NODE=1, but there is no `node` on PATH", pytrace=False)
     pytest.skip("needs Node.js: no `node` on PATH")
+
+
+@pytest.fixture
+def speedups() -> Any:
+    """The C accelerator module, ipcbus._speedups. Where it was not built
+    the test skips, except under ``IPCBUS_REQUIRE_SPEEDUPS=1`` (CI sets it:
+    there a compiler is present, so a missing accelerator is a broken
+    install), where it fails."""
+    try:
+        from ipcbus import _speedups
+    except ImportError:
+        if os.environ.get("IPCBUS_REQUIRE_SPEEDUPS") == "1":
+            pytest.fail("IPCBUS_REQUIRE_SPEEDUPS=1, but ipcbus._speedups is not built", pytrace=False)
+        pytest.skip("needs the C accelerator ipcbus._speedups (not built here: no C compiler at install?)")
+    return _speedups
 
 
 def fd_count() -> int:

@@ -581,9 +581,19 @@ def test_batch_frame_for_a_codec_that_cannot_batch() -> None:
         conn.next_event()
 
 
-def test_batch_that_ends_inside_a_value() -> None:
+@pytest.mark.parametrize(
+    "cut",
+    [
+        msgpack.packb("abcdef")[:-2],
+        msgpack.packb({"a": 1})[:-1],  # (an Unpacker's iteration ends quietly here)
+        msgpack.packb([1, [2, 3]])[:-1],
+        msgpack.packb({"a": msgpack.ExtType(1, b"xyz")})[:-1],  # (left to msgpack by the C decoder)
+        b"\xcb\x00",
+    ],
+)
+def test_batch_that_ends_inside_a_value(cut: bytes) -> None:
     conn = opened()
-    conn.receive_data(frame(FRAME_BATCH, msgpack.packb(1) + msgpack.packb("abcdef")[:-2]))
+    conn.receive_data(frame(FRAME_BATCH, msgpack.packb(1) + cut))
     assert conn.next_event() == Message(1, None)  # decoded as asked for
     with pytest.raises(CodecError, match="ends inside a value"):
         conn.next_event()

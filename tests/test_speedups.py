@@ -32,20 +32,6 @@ from ipcbus._fastpath import ACCELERATED, CORE_FIELDS, FRONT_FIELDS, messages
 from ipcbus._protocol import FRAME, FRAME_BATCH, Connection
 from ipcbus.codecs import get_codec
 
-try:
-    from ipcbus import _speedups
-except ImportError:
-    _speedups = None
-
-
-@pytest.fixture
-def speedups() -> Any:
-    if _speedups is None:
-        if os.environ.get("IPCBUS_REQUIRE_SPEEDUPS") == "1":
-            pytest.fail("IPCBUS_REQUIRE_SPEEDUPS=1, but ipcbus._speedups is not built", pytrace=False)
-        pytest.skip("needs the C accelerator ipcbus._speedups (not built here: no C compiler at install?)")
-    return _speedups
-
 
 def test_the_accelerator_is_used_unless_switched_off(speedups: Any) -> None:
     assert ACCELERATED is not bool(os.environ.get("IPCBUS_NO_SPEEDUPS"))
