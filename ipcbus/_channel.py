@@ -140,6 +140,7 @@ class Channel(FrontendState):
         self._rlock = threading.Lock()  # one reader at a time (held while reading)
         self._rlock_acquire = self._rlock.acquire
         self._rlock_release = self._rlock.release
+        self._pid = os.getpid()  # (a forked child's copy must not interrupt the parent's reads)
         # recv's round-trip path: a native core, no heartbeat deadlines.
         self._simple_read = type(core) is Connection and heartbeat is None
         # The C round trip (_fastpath.ROUND_TRIP) reads and writes this fd
@@ -767,6 +768,8 @@ class Channel(FrontendState):
                     except ChannelClosed:
                         data, fds = b"", []  # a reset is an end of stream
                     except IPCError as exc:
+                        if self._closed:
+                            self._closed_under_read([])
                         self._fail(exc)
                         raise
                     message = self._read_done(data, fds)
@@ -801,6 +804,8 @@ class Channel(FrontendState):
         # every read it does not parse itself, with the fds SocketStream
         # would have returned (a read that failed there is done again here),
         # and lone_tried when it already tried lone_message's shortcut.
+        if self._closed:
+            self._closed_under_read(fds)
         self._read_since_write = True
         core = self._core
         if not fds and not lone_tried:
@@ -829,6 +834,12 @@ class Channel(FrontendState):
             self._fail(exc)
             raise
         return self._read_done(data, fds)
+
+    def _closed_under_read(self, fds: list[int]) -> None:
+        # close() ran (in another thread) while this thread was reading: what
+        # the read brought is dropped, as close drops what was not received.
+        close_fds(fds)
+        raise ChannelClosed("recv on a closed channel (closed while it waited)")
 
     def recv_many(self, max_count: int = RECV_MANY_MAX, timeout: float | None = None) -> list[Message]:
         """The next message, waited for as :meth:`recv` does, and after it
@@ -940,8 +951,12 @@ class Channel(FrontendState):
         except ChannelClosed:
             data, fds = b"", []  # a reset is an end of stream, read as such
         except IPCError as exc:
+            if self._closed:
+                self._closed_under_read([])
             self._fail(exc)
             raise
+        if self._closed:
+            self._closed_under_read(fds)
         if self._heartbeat is not None:
             self._last_rx = _monotonic()
         self._read_since_write = True
@@ -1080,6 +1095,11 @@ class Channel(FrontendState):
         self._rt_fd = -1  # before the fd is closed (and its number reused)
         self._core.close_sending()
         try:
+            if self._rlock.locked() and self._pid == os.getpid():
+                # A thread may be blocked in recv(): closing the fd would not
+                # wake it. Its read now ends, and it raises ChannelClosed.
+                # (Not in a forked copy: its socket is the parent's too.)
+                self._stream.interrupt_reads()
             self._stream.close()
         finally:
             with self._lock:
@@ -1089,7 +1109,10 @@ class Channel(FrontendState):
     def close(self, timeout: float | None = None) -> None:
         """Flush what was sent, then close. Idempotent.
 
-        Handles received in messages never taken by ``recv`` are closed, and
+        A thread blocked in ``recv`` (or a ``for`` loop) on this channel is
+        woken, and raises ChannelClosed; a forked child's copy of the
+        channel closes only its own descriptor. Handles received in
+        messages never taken by ``recv`` are closed, and
         so are ``keep_open=False`` handles the peer never acknowledged. With
         ``timeout``, gives up flushing after that many seconds (TimeoutError,
         the channel closed anyway).

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import traceback
 import uuid
 from pathlib import Path
@@ -404,3 +405,100 @@ def test_the_flusher_leaves_a_burst_its_sender_is_writing(monkeypatch: pytest.Mo
     finally:
         a.close()
         b.close()
+
+
+# -------------------------------------------- close() while another thread reads
+
+
+def _blocked_reader(ch: ipcbus.Channel, how: str) -> tuple[threading.Thread, list[str]]:
+    """A thread blocked reading ch (recv, recv with a timeout, or a for
+    loop); what it ended with lands in the list."""
+    outcome: list[str] = []
+
+    def read() -> None:
+        try:
+            if how == "iterate":
+                for message in ch:
+                    outcome.append(f"message {message.data!r}")
+                outcome.append("iteration ended")
+            else:
+                outcome.append(f"message {(ch.recv(timeout=60) if how == 'timeout' else ch.recv()).data!r}")
+        except Exception as exc:
+            outcome.append(f"{type(exc).__name__}: {exc}")
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def _wait_blocked(ch: ipcbus.Channel) -> None:
+    # The reader holds the reader's lock while it waits in its read.
+    deadline = time.monotonic() + 10
+    while not ch._rlock.locked():
+        assert time.monotonic() < deadline, "the reader never started reading"
+        time.sleep(0.01)
+    time.sleep(0.1)  # (and is in the system call by now)
+
+
+@pytest.mark.parametrize("how", ["recv", "timeout", "iterate"])
+@pytest.mark.parametrize("transport", ["pair", "unix", "tcp"])
+def test_close_from_another_thread_wakes_a_blocked_reader(transport: str, how: str, tmp_path: Path) -> None:
+    if transport == "unix" and sys.platform == "win32":
+        pytest.skip("POSIX only (unix:// sockets); this is Windows")
+    if transport == "pair":
+        ch, peer = ipcbus.pair()
+    else:
+        url = f"unix://{tmp_path}/wake.sock" if transport == "unix" else "tcp://127.0.0.1:0"
+        key = {"authkey": "wake-key"} if transport == "tcp" else {}
+        with ipcbus.listen(url, **key) as listener:
+            accepted: list[ipcbus.Channel] = []
+
+            def accept() -> None:
+                accepted.append(listener.accept(timeout=10))
+                accepted[0].wait_handshake(10)  # (the server's side of connect's handshake)
+
+            acceptor = threading.Thread(target=accept)
+            acceptor.start()
+            ch = ipcbus.connect(listener.address, **key)
+            acceptor.join(10)
+            peer = accepted[0]
+    with peer:
+        peer.send("first")
+        assert ch.recv(timeout=10).data == "first"
+        thread, outcome = _blocked_reader(ch, how)
+        _wait_blocked(ch)
+        started = time.monotonic()
+        ch.close()
+        thread.join(10)
+        assert not thread.is_alive(), f"close() left the reader blocked ({transport}, {how})"
+        assert time.monotonic() - started < 5
+        assert outcome == ["ChannelClosed: recv on a closed channel (closed while it waited)"]
+        # The peer sees the channel end, as after any close.
+        with pytest.raises(ipcbus.ChannelClosed):
+            peer.recv(timeout=10)
+
+
+@pytest.mark.posix("os.fork")
+def test_a_forked_copy_closing_does_not_interrupt_the_parents_reader() -> None:
+    # The child inherits the channel, its socket and its reader's lock as it
+    # was (held, by the parent's reading thread): its close() must only
+    # drop its own copy of the fd, not end the parent's reads.
+    ch, peer = ipcbus.pair()
+    with peer:
+        thread, outcome = _blocked_reader(ch, "recv")
+        _wait_blocked(ch)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                ch.close()
+                code = 0
+            finally:
+                os._exit(code)
+        assert os.waitpid(pid, 0)[1] == 0
+        time.sleep(0.1)
+        assert thread.is_alive() and outcome == []
+        peer.send("still here")
+        thread.join(10)
+        assert outcome == ["message 'still here'"]
+        ch.close()

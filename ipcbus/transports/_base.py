@@ -75,6 +75,13 @@ class Stream(ABC):
     def shutdown_write(self) -> None:  # noqa: B027 - optional capability
         """Send EOF while still reading (where the transport can)."""
 
+    def interrupt_reads(self) -> None:  # noqa: B027 - optional capability
+        """End a :meth:`receive` another thread of this process is blocked
+        in: it returns EOF at once, as every later one does. A channel calls
+        it before :meth:`close` when another thread is reading. The default
+        does nothing: for a stream whose ``close`` wakes its readers itself.
+        """
+
     def peer_credentials(self) -> tuple[int, int, int] | None:
         """(pid, uid, gid) of the peer process, where the OS says; else None."""
         return None

@@ -9,6 +9,7 @@ truncated control message is an error, never a short count.
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import os
 import select
@@ -241,6 +242,12 @@ class SocketStream(Stream):
             self._sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
+
+    def interrupt_reads(self) -> None:
+        # Closing the fd would not wake a recvmsg blocked on it; a shutdown
+        # of the reading side does.
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RD)
 
     def close(self) -> None:
         self._sock.close()

@@ -20,6 +20,7 @@ under a lock, since ``send`` and ``recv`` may run in two threads at once.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import select
@@ -275,6 +276,12 @@ class TlsStream(Stream):
 
     def shutdown_write(self) -> None:
         pass  # TLS has no half-close that the peer's TLS layer would honour
+
+    def interrupt_reads(self) -> None:
+        # The plain socket's shutdown: SSLSocket.shutdown would also drop
+        # the TLS object under the reading thread.
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(self._ssl, socket.SHUT_RD)
 
     def close(self) -> None:
         try:
