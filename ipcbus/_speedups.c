@@ -21,6 +21,11 @@
  *               bases of the frontends and of the native protocol core: the
  *               attributes the fast methods read on every call, in C fields
  *               (a lookup by name cost as much as the rest of the call).
+ *   MsgpackPack, MsgpackUnpackb, MsgpackValues
+ *               the msgpack codec's encoder, one-value decoder and batch
+ *               decoder for the common types (_msgpack_pack.c,
+ *               _msgpack_unpack.c), with msgpack itself as their fallback;
+ *               FallbackCall, below, is what the first two share.
  *
  * The wrappers are descriptors with Py_TPFLAGS_METHOD_DESCRIPTOR, so that
  * ``channel.send(x)`` calls them without building a bound method.

@@ -1,7 +1,7 @@
 /* ipcbus._speedups: what its C files share (_speedups.c: the module and its
  * fast methods; _roundtrip.c: the round trip of a blocking Channel;
  * _msgpack_pack.c and _msgpack_unpack.c: the msgpack codec's encoder and
- * batch decoder). */
+ * decoders). */
 #ifndef IPCBUS_SPEEDUPS_H
 #define IPCBUS_SPEEDUPS_H
 
