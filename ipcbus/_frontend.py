@@ -63,9 +63,9 @@ TRIO_QUICK_COUNT = 256
 
 def fast_encoder(codec: Codec) -> Callable[[Any], bytes]:
     """The encoder the send hot path calls: the codec's ``encode``, or for the
-    built-in msgpack codec its bare ``Packer.pack`` (a third of the cost of a
-    small send), whose TypeError/ValueError/OverflowError the caller turns
-    into CodecError with :func:`encode_error`."""
+    built-in msgpack codec its bare encoder (``_pack``: the C MsgpackPack, or
+    msgpack's ``Packer.pack``), whose TypeError/ValueError/OverflowError the
+    caller turns into CodecError with :func:`encode_error`."""
     if type(codec) is MsgpackCodec:
         return codec._pack
     return codec.encode

@@ -79,7 +79,8 @@ BATCH_MESSAGE_MAX = 16 * 1024
 # before it has seen the peer's hello.
 MIN_MAX_MESSAGE_SIZE = BATCH_TARGET
 HANDLE_DESCRIPTOR_SIZE = 4
-# lone_message decodes msgpack payloads up to this size with a kept Unpacker.
+# Without the accelerator, lone_message decodes msgpack payloads up to this
+# size with a kept Unpacker.
 ONE_UNPACKER_MAX = 64 * 1024
 # The handle block's first byte (PROTOCOL.md §4.1): the sender passed a list;
 # the sender wants an IPCBUS_ACK for this frame (it releases its copies then:

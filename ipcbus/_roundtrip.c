@@ -39,24 +39,24 @@ enum {
     RT_RLOCK_ACQUIRE, RT_RLOCK_RELEASE, RT_WLOCK_ACQUIRE, RT_WLOCK_RELEASE,
     RT_READ_DONE, RT_READ_DONE_ANCILLARY, RT_WROTE_LONE,
     /* Connection */
-    RT_EVENTS, RT_STATE, RT_OUT, RT_PENDING, RT_BIG, RT_BUF, RT_FDS, RT_MAX_MESSAGE_SIZE, RT_ONE,
-    RT_ONE_TOLD, RT_NEW_ONE, RT_DECODE, RT_PREFIXES, RT_CONSUMED, RT_ERROR, RT_CLOSED_FOR_SENDING,
+    RT_EVENTS, RT_STATE, RT_OUT, RT_PENDING, RT_BIG, RT_BUF, RT_FDS, RT_MAX_MESSAGE_SIZE,
+    RT_DECODE, RT_PREFIXES, RT_CONSUMED, RT_ERROR, RT_CLOSED_FOR_SENDING,
     RT_HELD, RT_SEND_LIMIT, RT_HRUN,
-    /* msgpack.Unpacker's methods, a message's key, the core's open state */
-    RT_FEED, RT_UNPACK, RT_TELL, RT_CMD, RT_OPEN,
+    /* a message's key, the core's open state */
+    RT_CMD, RT_OPEN,
     RT_NAMES
 };
 #define RT_FIRST_CORE_NAME RT_EVENTS
-#define RT_FIRST_OTHER_NAME RT_FEED
+#define RT_FIRST_OTHER_NAME RT_CMD
 
 static const char *const rt_text[RT_NAMES] = {
     "_rt_fd", "_closed", "_partial", "_quick", "_read_since_write", "_last_write",
     "_rlock_acquire", "_rlock_release", "_wlock_acquire", "_wlock_release",
     "_read_done", "_read_done_ancillary", "_wrote_lone",
-    "_events", "_state", "_out", "_pending", "_big", "_buf", "_fds", "max_message_size", "_one",
-    "_one_told", "_new_one", "_decode", "_prefixes", "_consumed", "_error", "_closed_for_sending",
+    "_events", "_state", "_out", "_pending", "_big", "_buf", "_fds", "max_message_size",
+    "_decode", "_prefixes", "_consumed", "_error", "_closed_for_sending",
     "_held", "_send_limit", "_hrun",
-    "feed", "unpack", "tell", "cmd", "OPEN",
+    "cmd", "OPEN",
 };
 static PyObject *rt_name[RT_NAMES];
 
@@ -91,9 +91,7 @@ ipcbus_rt_init(PyObject *module)
 #if HAVE_ROUND_TRIP
 
 /* What one read asks for (SocketStream.receive's SMALL_READ), and the
- * largest reply written here (larger ones take the Python path). A read is
- * never larger than Connection's ONE_UNPACKER_MAX, so lone_message's
- * kept-Unpacker branch is the one to mirror. */
+ * largest reply written here (larger ones take the Python path). */
 #define RT_READ_SIZE (64 * 1024)
 #define RT_WRITE_MAX (64 * 1024)
 #define RT_MAX_FDS 253  /* SCM_MAX_FD */
@@ -368,73 +366,25 @@ rt_lone_message(PyObject *core, const char *buf, Py_ssize_t n, PyTypeObject *cls
     if (payload == NULL) {
         return NULL;
     }
+    /* (The core's own decoder: with the accelerator, which the round trip
+     * needs, the msgpack codec's is MsgpackUnpackb.) */
     PyObject *value = NULL;
-    PyObject *one = PyObject_GetAttr(core, rt_name[RT_ONE]);
-    if (one == NULL) {
+    PyObject *decode = PyObject_GetAttr(core, rt_name[RT_DECODE]);
+    if (decode == NULL) {
         goto error;
     }
-    if (one != Py_None) {
-        /* msgpack: the kept Unpacker, and its position must move by exactly
-         * the payload (a bad value, or one followed by more, does not). */
-        Py_ssize_t told = rt_ssize(core, RT_ONE_TOLD);
-        if (told == -1 && PyErr_Occurred()) {
+    value = PyObject_CallOneArg(decode, payload);
+    Py_DECREF(decode);
+    if (value == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_Exception)) {
             goto error;
         }
-        told += length;
-        PyObject *fed = PyObject_CallMethodOneArg(one, rt_name[RT_FEED], payload);
-        if (fed != NULL) {
-            Py_DECREF(fed);
-            value = PyObject_CallMethodNoArgs(one, rt_name[RT_UNPACK]);
-        }
-        if (value == NULL) {
-            if (!PyErr_ExceptionMatches(PyExc_Exception)) {
-                goto error;
-            }
-            PyErr_Clear();
-            told = -1;
-        }
-        PyObject *pos = PyObject_CallMethodNoArgs(one, rt_name[RT_TELL]);
-        if (pos == NULL) {
-            goto error;
-        }
-        Py_ssize_t at = PyLong_AsSsize_t(pos);
-        Py_DECREF(pos);
-        if (at == -1 && PyErr_Occurred()) {
-            goto error;
-        }
-        if (at != told) {
-            Py_CLEAR(value);
-            if (rt_set_new(core, RT_ONE, PyObject_CallMethodNoArgs(core, rt_name[RT_NEW_ONE])) < 0) {
-                goto error;
-            }
-            Py_DECREF(one);
-            Py_DECREF(payload);
-            Py_RETURN_NONE;
-        }
-        if (rt_set_new(core, RT_ONE_TOLD, PyLong_FromSsize_t(told)) < 0) {
-            goto error;
-        }
+        /* lone_message decodes it again, and raises or declines as the
+         * codec's error says. */
+        PyErr_Clear();
+        Py_DECREF(payload);
+        Py_RETURN_NONE;
     }
-    else {
-        PyObject *decode = PyObject_GetAttr(core, rt_name[RT_DECODE]);
-        if (decode == NULL) {
-            goto error;
-        }
-        value = PyObject_CallOneArg(decode, payload);
-        Py_DECREF(decode);
-        if (value == NULL) {
-            if (!PyErr_ExceptionMatches(PyExc_Exception)) {
-                goto error;
-            }
-            /* lone_message decodes it again, and raises or declines as the
-             * codec's error says. */
-            PyErr_Clear();
-            Py_DECREF(one);
-            Py_DECREF(payload);
-            Py_RETURN_NONE;
-        }
-    }
-    Py_CLEAR(one);
     Py_CLEAR(payload);
     if (PyDict_CheckExact(value)) {
         /* An internal message (a prefix of the core's) is the core's. */
@@ -480,7 +430,6 @@ rt_lone_message(PyObject *core, const char *buf, Py_ssize_t n, PyTypeObject *cls
 
 error:
     Py_XDECREF(value);
-    Py_XDECREF(one);
     Py_XDECREF(payload);
     return NULL;
 }
