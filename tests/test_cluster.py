@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -65,6 +66,11 @@ class Cluster:
             if predicate():
                 return
             time.sleep(0.05)
+        if self.proc.poll() is None:
+            # The master dumps every thread's stack on SIGUSR1: the log then
+            # shows where it was, had it stopped answering.
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(0.5)
         raise AssertionError(f"timed out waiting for {what}; log:\n{self.log()}")
 
     def wait_listening(self, n: int) -> list[int]:
@@ -329,3 +335,39 @@ def test_cluster_workers_exit_with_the_master(cluster) -> None:
     cl2.signal(signal.SIGKILL)
     cl2.wait()
     assert_gone(pids2)
+
+
+def test_cluster_master_dumps_its_stacks_on_sigusr1(cluster) -> None:
+    cl = cluster("shared", 1)
+    cl.wait_listening(1)
+    cl.signal(signal.SIGUSR1)
+    cl.wait_for(lambda: "in run" in cl.log(), "the stack dump")
+    assert re.search(r"Thread 0x[0-9a-f]+ \(most recent call first\)", cl.log())
+    cl.signal(signal.SIGTERM)
+    assert cl.wait() == 0  # the dump does not end the master
+
+
+def test_cluster_master_event_wait_survives_a_signal_handler_that_outlasts_it() -> None:
+    # The master's loop waits for events with a 0.1 s timeout and handles
+    # signals between waits. A queue.SimpleQueue there (CPython 3.10-3.12)
+    # waits forever once a signal handler runs past that timeout, so SIGHUP
+    # went unanswered now and then under load. This replays that: a handler
+    # that sleeps past the deadline, during the master's own wait.
+    code = textwrap.dedent(
+        f"""
+        import argparse, queue, signal, sys, time
+        sys.path.insert(0, {str(SERVER.parent)!r})
+        import server
+        opts = argparse.Namespace(mode="shared", host="127.0.0.1", port=0)
+        master = server.Master(opts)
+        master.sock.close()
+        signal.signal(signal.SIGALRM, lambda *_: time.sleep(0.2))
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        try:
+            master.events.get(timeout=0.1)
+        except queue.Empty:
+            print("empty")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=10)
+    assert (out.returncode, out.stdout) == (0, "empty\n"), out.stderr

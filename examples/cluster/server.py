@@ -19,6 +19,8 @@ for ``--heartbeat-timeout`` seconds is killed and replaced. SIGTERM/SIGINT
 shut down gracefully (stop accepting, let in-flight requests finish for up
 to ``--shutdown-timeout`` seconds, then kill); SIGHUP restarts the workers
 one by one, each replacement listening before its predecessor leaves.
+SIGUSR1 writes the stack of each of the master's threads to stderr, for a
+master that seems stuck.
 
 The first line on stdout is ``listening on HOST:PORT`` (useful with
 ``--port 0``); lifecycle events are logged to stderr, one line each.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import faulthandler
 import os
 import queue
 import signal
@@ -75,7 +78,11 @@ class Master:
     def __init__(self, opts: argparse.Namespace) -> None:
         self.opts = opts
         self.mode: str = opts.mode
-        self.events: queue.SimpleQueue[tuple[str, WorkerRecord, Any]] = queue.SimpleQueue()
+        # queue.Queue, not SimpleQueue: on CPython 3.10-3.12, SimpleQueue.get
+        # with a timeout blocks for good once a signal handler (or the wait
+        # for the GIL after it) outlasts that timeout, and the loop below
+        # would then never see SIGHUP or SIGTERM.
+        self.events: queue.Queue[tuple[str, WorkerRecord, Any]] = queue.Queue()
         self.workers: list[WorkerRecord] = []
         self.cond = threading.Condition()  # guards the rr dispatch state of the records
         self.rr_next = 0
@@ -308,6 +315,9 @@ class Master:
         log(f"listening on {host}:{port}, mode {self.mode}, {self.opts.workers} worker(s)")
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda signum, _frame: self.signals.append(signum))
+        # Written by faulthandler's C handler, so the dump comes even when
+        # no Python code can run in the master.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         for slot in range(1, self.opts.workers + 1):
             self.spawn(slot)
         if self.mode == "rr":
