@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import os
 import queue
+import select
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -342,3 +344,44 @@ def test_node_example_stops_by_itself_after_n_requests() -> None:
     assert all(a.split()[0] in ("node", "python") for a in answers), answers
     assert master.returncode == 0, out
     assert "6 requests served" in out and "workers exited {'node': 0, 'python': 0}" in out, out
+
+
+@pytest.mark.parametrize("runtime", ["node", "python"])
+def test_node_example_worker_outlives_a_master_that_closes_mid_request(runtime: str) -> None:
+    # A stopping master closes the channels while a worker may still be
+    # answering a request. The worker then cannot report it: it must still
+    # answer, and exit 0, not die of the failed report (an EPIPE, or a
+    # ChannelClosed) with status 1.
+    script = EXAMPLE.parent / ("worker.js" if runtime == "node" else "worker.py")
+    with socket.create_server(("127.0.0.1", 0)) as server, tempfile.TemporaryFile() as err:
+        if runtime == "node":
+            child = ipcbus.spawn(["node", str(script)], ipc=True, protocol="node", stderr=err)
+        else:
+            child = ipcbus.fork(script, stderr=err)
+        try:
+            child.channel.send({"op": "serve"}, server)
+            assert child.channel.recv().data["ready"] == runtime
+            with socket.create_connection(server.getsockname()[:2], timeout=TIMEOUT) as client:
+                client.sendall(b"GET /late HTTP/1.1\r\nHost: x\r\n")  # the headers go on
+                deadline = time.monotonic() + TIMEOUT
+                while select.select([server], [], [], 0)[0]:  # until the worker accepted it
+                    assert time.monotonic() < deadline, "the worker never accepted the connection"
+                    time.sleep(0.01)
+                child.channel.close()
+                time.sleep(0.2)  # (the worker sees the channel end, or not: both must work)
+                client.sendall(b"\r\n")
+                answer = b""
+                while chunk := client.recv(4096):
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200 OK"), answer
+            assert f"{runtime} {child.pid}\n".encode() in answer, answer  # (Node's is chunked)
+            assert child.wait(TIMEOUT) == 0, _read_all(err)
+        finally:
+            child.close(grace=2)
+        if runtime == "node":
+            assert_node_was_happy(_read_all(err))
+
+
+def _read_all(f) -> str:  # type: ignore[no-untyped-def]
+    f.seek(0)
+    return f.read().decode(errors="replace")

@@ -30,7 +30,7 @@ import ipcbus
 HERE = Path(__file__).resolve().parent
 
 
-def reader(name: str, channel: ipcbus.Channel, events: queue.Queue[tuple[str, Any]]) -> None:
+def reader(name: str, channel: ipcbus.Channel, events: queue.SimpleQueue[tuple[str, Any]]) -> None:
     try:
         for msg in channel:
             events.put((name, msg.data))
@@ -46,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=0, help="stop after this many (0: never)")
     args = parser.parse_args(argv)
 
-    events: queue.Queue[tuple[str, Any]] = queue.Queue()
+    # SimpleQueue: on_signal puts from a signal handler, which may run while
+    # this thread is inside the queue's own methods; Queue.put there would
+    # wait for the lock its own thread holds, SimpleQueue.put is reentrant.
+    # (Only get() with no timeout: see examples/cluster/server.py.)
+    events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
     stopping = False
 
     def on_signal(signum: int, frame: Any) -> None:

@@ -8,8 +8,16 @@ const http = require('http');
 const app = http.createServer((req, res) => {
   res.writeHead(200, {'Content-Type': 'text/plain', 'Connection': 'close'});
   res.end(`node ${process.pid}\n`);
-  process.send({served: req.url, runtime: 'node', pid: process.pid});
+  report({served: req.url, runtime: 'node', pid: process.pid});
 });
+
+// A stopping master closes the channel while a request may still be
+// answered: the report is moot then. The callback takes the send's error
+// (EPIPE, ERR_IPC_CHANNEL_CLOSED), which would otherwise be an unhandled
+// 'error' event and end us with status 1.
+function report(msg) {
+  if (process.connected) process.send(msg, () => {});
+}
 
 let listening = null;
 

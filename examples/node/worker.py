@@ -62,8 +62,14 @@ def main() -> None:
                     path = serve_one(conn)
                 except OSError:
                     continue
-                if path:
+                if not path:
+                    continue
+                try:
                     channel.send({"served": path, "runtime": "python", "pid": os.getpid()})
+                except ipcbus.IPCError:
+                    # The master closed the channel while we answered (it is
+                    # stopping): the report is moot, and we leave.
+                    break
 
 
 if __name__ == "__main__":
