@@ -26,6 +26,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import pytest
 import trio
@@ -52,6 +53,12 @@ def assert_node_was_happy(stderr: str) -> None:
         assert mark not in stderr, f"node printed {mark!r}:\n{stderr}"
 
 
+def read_all(f: IO[bytes]) -> str:
+    """All that was written to the temporary file ``f``, as text."""
+    f.seek(0)
+    return f.read().decode(errors="replace")
+
+
 @contextmanager
 def node_child(script: str = "peer.js") -> Iterator[ipcbus.ChildProcess]:
     """A Node child speaking to us over its IPC channel; on a clean exit of
@@ -67,8 +74,7 @@ def node_child(script: str = "peer.js") -> Iterator[ipcbus.ChildProcess]:
             assert child.wait(TIMEOUT) == 0
         finally:
             child.close()
-        err.seek(0)
-        assert_node_was_happy(err.read().decode(errors="replace"))
+        assert_node_was_happy(read_all(err))
 
 
 # ------------------------------------------------- Python parent, Node child
@@ -375,13 +381,8 @@ def test_node_example_worker_outlives_a_master_that_closes_mid_request(runtime: 
                     answer += chunk
             assert answer.startswith(b"HTTP/1.1 200 OK"), answer
             assert f"{runtime} {child.pid}\n".encode() in answer, answer  # (Node's is chunked)
-            assert child.wait(TIMEOUT) == 0, _read_all(err)
+            assert child.wait(TIMEOUT) == 0, read_all(err)
         finally:
             child.close(grace=2)
         if runtime == "node":
-            assert_node_was_happy(_read_all(err))
-
-
-def _read_all(f) -> str:  # type: ignore[no-untyped-def]
-    f.seek(0)
-    return f.read().decode(errors="replace")
+            assert_node_was_happy(read_all(err))
